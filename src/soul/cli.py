@@ -1,0 +1,100 @@
+"""The `soul` command line.
+
+Each sub-package contributes its sub-commands through a ``register(subparsers)`` function in its own
+``cli`` module (listed in `COMMAND_MODULES`), so a new command is one function plus one line here.
+Every option can also come from a YAML file given with ``--config``; options on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+COMMAND_MODULES = [
+    "soul.cli_ask",
+    "soul.data.cli",
+    "soul.train.cli",
+    "soul.eval.cli",
+    "soul.report.cli",
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def load_yaml_config(path: str | Path, allowed: set[str], command: str) -> dict[str, Any]:
+    """Read a YAML mapping of option values, checking every key is an option of `command`."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--config {p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise CLIError(f"--config {p}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"--config {p}: expected a mapping of option: value, got {type(data).__name__}")
+    normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(normalised) - allowed)
+    if unknown:
+        raise CLIError(f"--config {p}: unknown option(s) {unknown} for `soul {command}`")
+    return normalised
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="soul", description="Unlearning for causal LMs with second-order optimization (SOUL)."
+    )
+    from soul import __version__
+
+    parser.add_argument("--version", action="version", version=f"soul {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name == module_name:  # that part of soul is not there: skip its commands
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if getattr(args, "config", None):
+            sub = _subparser(parser, args.command)
+            allowed = {a.dest for a in sub._actions} - {"help", "config"}
+            sub.set_defaults(**load_yaml_config(args.config, allowed, args.command))
+            args = parser.parse_args(argv)
+        result = args.func(args)
+    except CLIError as err:
+        print(f"soul {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        # Our own loaders raise these with messages that name the file and the field.
+        print(f"soul {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
