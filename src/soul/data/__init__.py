@@ -1,0 +1,1 @@
+"""Benchmarks, loaders, validation and tokenisation (records in TOFU's schema)."""
