@@ -72,6 +72,14 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     raise KeyError(command)
 
 
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the deepest sub-command chosen in `args` (e.g. `make` under `soul data`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _innermost(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -82,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "config", None):
             sub = _subparser(parser, args.command)
+            sub = _innermost(sub, args)  # nested commands (`soul data make`) take their own options
             allowed = {a.dest for a in sub._actions} - {"help", "config"}
             sub.set_defaults(**load_yaml_config(args.config, allowed, args.command))
             args = parser.parse_args(argv)

@@ -1,1 +1,34 @@
-"""Benchmarks, loaders, validation and tokenisation (records in TOFU's schema)."""
+"""Benchmarks, loaders, validation and tokenisation (records in TOFU's schema).
+
+* `make_benchmark` / `load_split` — the bundled fictitious-author benchmark and TOFU splits (bundled, local
+  directory, or ``locuslab/TOFU``);
+* `QADataset`, `load_refusals`, `LengthBucketBatchSampler`, `qa_dataloader` — tokenised training data;
+* `load_copyright` / `TextDataset` (text forgetting), `load_multiple_choice` (WMDP-style),
+  `load_detox` (PKU-SafeRLHF-style);
+* `DataError`, `validate_qa`, `check_disjoint` — validation with file / record / field in every message.
+"""
+
+from soul.data.dataset import (
+    LengthBucketBatchSampler,
+    QADataset,
+    load_refusals,
+    padding_fraction,
+    qa_dataloader,
+    refusal_choices,
+)
+from soul.data.detox import load_detox
+from soul.data.format import QACollator, encode_qa, pad_batch
+from soul.data.generate import build_splits, make_benchmark
+from soul.data.mcq import load_multiple_choice, mcq_from_qa, validate_mcq
+from soul.data.summary import describe_benchmark, describe_split
+from soul.data.text import TextDataset, continuation_items, load_copyright, load_passages
+from soul.data.tofu import bundled_dir, load_split
+from soul.data.validate import DataError, check_disjoint, validate_qa
+
+__all__ = [
+    "DataError", "LengthBucketBatchSampler", "QACollator", "QADataset", "TextDataset", "build_splits",
+    "bundled_dir", "check_disjoint", "continuation_items", "describe_benchmark", "describe_split",
+    "encode_qa", "load_copyright", "load_detox", "load_multiple_choice", "load_passages", "load_refusals",
+    "load_split", "make_benchmark", "mcq_from_qa", "pad_batch", "padding_fraction", "qa_dataloader",
+    "refusal_choices", "validate_mcq", "validate_qa",
+]

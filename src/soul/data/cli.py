@@ -1,0 +1,51 @@
+"""`soul data make` (write the bundled benchmark) and `soul data show` (validate and describe a split)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _make(args: argparse.Namespace) -> int:
+    from soul.cli import CLIError
+    from soul.data.generate import make_benchmark
+    from soul.data.summary import describe_benchmark
+
+    if not args.out:
+        raise CLIError("--out DIR is required (on the command line or in --config)")
+    out = make_benchmark(args.out, n_authors=args.authors, qas_per_author=args.qas_per_author, seed=args.seed,
+                         n_perturbed=args.perturbed)
+    print(describe_benchmark(out))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from soul.data.summary import describe_split
+    from soul.data.tofu import load_split
+
+    records = load_split(args.source, args.split)
+    print(describe_split(records, args.split))
+    for r in records[: args.examples]:
+        print(f"  Q: {r['question']}\n  A: {r['answer']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("data", help="benchmark data: generate the bundled set, inspect splits")
+    sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    make = sub.add_parser("make", help="write the bundled fictitious-author benchmark (TOFU layout) to a directory")
+    # Not `required=True`: the value may come from --config.
+    make.add_argument("--out", help="output directory (required)")
+    make.add_argument("--authors", type=int, default=20, help="trained authors (default 20)")
+    make.add_argument("--qas-per-author", type=int, default=10, help="questions per author (1-14, default 10)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--perturbed", type=int, default=4, help="perturbed answers per question (3-5)")
+    make.add_argument("--config", help="YAML file of option values")
+    make.set_defaults(func=_make)
+
+    show = sub.add_parser("show", help="validate a TOFU-schema split and print a summary")
+    show.add_argument("split", nargs="?", default="full", help="split name, e.g. forget10 (default full)")
+    show.add_argument("--source", default="bundled", help="'bundled', a local directory, or locuslab/TOFU")
+    show.add_argument("--examples", type=int, default=2, help="records to print")
+    show.add_argument("--config", help="YAML file of option values")
+    show.set_defaults(func=_show)

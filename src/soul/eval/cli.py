@@ -1,0 +1,137 @@
+"""`soul eval`: TOFU metrics (+ MIA, memorisation, optional lm-eval tasks) of a model, written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _forget_names(forget_split: str) -> tuple[str, str | None]:
+    """(perturbed forget split, matching holdout split) for a TOFU forget split name such as forget10."""
+    base = forget_split.removesuffix("_perturbed")
+    perturbed = f"{base}_perturbed"
+    holdout = f"holdout{base.removeprefix('forget')}" if base.startswith("forget") else None
+    return perturbed, holdout
+
+
+def _optional_split(load_split, data: str, name: str | None) -> list[dict] | None:
+    if name is None:
+        return None
+    try:
+        return load_split(data, name)
+    except FileNotFoundError as err:
+        print(f"soul eval: warning: skipping split {name!r} ({err})", file=sys.stderr)
+        return None
+
+
+def _weights_fingerprint(model_path: str) -> list[Any]:
+    p = Path(model_path)
+    if not p.is_dir():
+        return [model_path]  # a hub id: its name is all we know
+    return sorted([f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in p.iterdir()
+                  if f.suffix in (".safetensors", ".bin", ".json"))
+
+
+def cached_reference(retain_model: str, forget: list[dict], holdout: list[dict] | None, *, prompt_format: str,
+                     batch_size: int, min_k: float, dtype: str | None, device: str) -> tuple[dict, Path]:
+    """The retain model's reference statistics, computed once per (model weights, data, settings) and cached
+    under ``<soul cache>/eval/`` so every later evaluation against the same retain model reuses them."""
+    from soul.eval.results import load_results
+    from soul.eval.tofu import reference_stats
+    from soul.models import cache_dir, load_model, resolve_model_path
+
+    path = resolve_model_path(retain_model)
+    key = hashlib.sha256(json.dumps(
+        {"model": path, "weights": _weights_fingerprint(path), "forget": forget, "holdout": holdout,
+         "prompt_format": prompt_format, "min_k": min_k, "dtype": dtype}, sort_keys=True).encode()).hexdigest()[:20]
+    target = cache_dir() / "eval" / f"reference-{key}.json"
+    if target.is_file():
+        return load_results(target), target
+    model, tokenizer = load_model(path, dtype=dtype, device=device)
+    ref = reference_stats(model, tokenizer, forget, holdout, prompt_format=prompt_format, batch_size=batch_size,
+                          min_k=min_k, out=target)
+    return ref, target
+
+
+def _run(args: argparse.Namespace) -> int:
+    from soul.cli import CLIError
+    from soul.data import load_split  # the data package's loader (bundled benchmark, directory or hub)
+    from soul.eval.results import write_json_atomic
+    from soul.eval.tofu import evaluate
+    from soul.models import load_model
+
+    if not args.out:
+        raise CLIError("--out is required (the results JSON to write)")
+    if args.retain_model and args.retain_results:
+        raise CLIError("give either --retain-model or --retain-results, not both")
+    if args.lm_eval:
+        import importlib.util
+
+        from soul.eval.harness import LM_EVAL_MISSING
+
+        if importlib.util.find_spec("lm_eval") is None:  # fail before minutes of TOFU evaluation
+            raise CLIError(LM_EVAL_MISSING)
+    forget_name, holdout_name = _forget_names(args.forget_split)
+    forget = load_split(args.data, forget_name)
+    splits: dict[str, list[dict]] = {"forget": forget}
+    for role, name in (("retain", args.retain_split), ("real_authors", "real_authors_perturbed"),
+                       ("world_facts", "world_facts_perturbed")):
+        records = _optional_split(load_split, args.data, name)
+        if records is not None:
+            splits[role] = records
+    holdout = None if args.no_holdout else _optional_split(load_split, args.data, holdout_name)
+
+    reference: Any = args.retain_results
+    if args.retain_model:
+        reference, where = cached_reference(args.retain_model, forget, holdout, prompt_format=args.prompt_format,
+                                            batch_size=args.batch_size, min_k=args.min_k, dtype=args.dtype,
+                                            device=args.device)
+        print(f"soul eval: retain reference {where}", file=sys.stderr)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    results = evaluate(model, tokenizer, splits, retain_reference=reference, holdout=holdout,
+                       prompt_format=args.prompt_format, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, min_k=args.min_k)
+    results["meta"].update({"model": str(args.model), "data": str(args.data), "forget_split": forget_name})
+    if args.lm_eval:
+        from soul.eval.harness import run_lm_eval
+
+        try:
+            results["lm_eval"] = run_lm_eval(args.model, args.lm_eval, batch_size=args.batch_size,
+                                             limit=args.lm_eval_limit, device=args.device)
+        except ImportError as err:
+            raise CLIError(str(err)) from None
+    write_json_atomic(results, args.out)
+    summary = {k: v["agg_value"] for k, v in results.items() if isinstance(v, dict) and "agg_value" in v}
+    print(json.dumps(summary, indent=1))
+    print(f"soul eval: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="TOFU metrics, forget quality vs a retain model, MIA, memorisation")
+    p.add_argument("--model", default="smollm2-135m", help="alias, local HF directory or hub id")
+    p.add_argument("--data", default="bundled", help="'bundled', a directory of split files, or locuslab/TOFU")
+    p.add_argument("--forget-split", default="forget10", help="forget01|forget05|forget10 (its _perturbed "
+                   "version is scored; holdoutXX gives the MIA non-members)")
+    p.add_argument("--retain-split", default="retain_perturbed")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--retain-model", help="retain model (trained without the forget set): its forget-set "
+                     "statistics are computed once and cached, for forget quality and PrivLeak")
+    ref.add_argument("--retain-results", help="a retain model's saved `soul eval` results JSON, as reference")
+    p.add_argument("--out", help="results JSON (written atomically); required")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"])
+    p.add_argument("--min-k", type=float, default=0.4, help="fraction k of Min-K%% and Min-K%%++")
+    p.add_argument("--no-holdout", action="store_true", help="skip MIA (no holdout set)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="comma-separated lm-eval tasks (e.g. mmlu); needs soul[lm-eval] and hub access")
+    p.add_argument("--lm-eval-limit", type=float, default=None, help="lm-eval's per-task example limit")
+    p.add_argument("--config", help="YAML file of option values")
+    p.set_defaults(func=_run)

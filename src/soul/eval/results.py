@@ -1,0 +1,88 @@
+"""Results files: atomic JSON writing and retain-reference loading.
+
+A results dict maps metric names to ``{"agg_value": float | None, "value_by_index": {str(idx): {...}}}``
+(open-unlearning's layout) plus a ``"meta"`` entry. A retain model's results file (full or the reduced one
+from `soul.eval.reference_stats`) is a valid forget-quality / PrivLeak reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# What a reference must hold, and what for.
+REFERENCE_TR_KEY = "forget_truth_ratio"
+REFERENCE_MIA_KEY = "mia_min_k"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON cannot hold NaN/inf: write them as null so the file stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
+    """Write `data` as JSON to `path` through a temporary sibling file and `os.replace` (never half-written)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(_clean(data), fh, indent=2, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"results file {p} not found")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"results file {p}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"results file {p}: expected a JSON object of metrics, got {type(data).__name__}")
+    return data
+
+
+def load_reference(reference: str | os.PathLike | dict[str, Any], *, need_tr: bool = True) -> dict[str, Any]:
+    """A retain reference as a results dict, checked to hold per-question forget truth ratios."""
+    where = "retain reference"
+    if isinstance(reference, str | os.PathLike):
+        where = f"retain reference {reference}"
+        reference = load_results(reference)
+    if not isinstance(reference, dict):
+        raise ValueError(f"{where}: expected a results dict or a path to a results JSON file")
+    if need_tr:
+        entry = reference.get(REFERENCE_TR_KEY)
+        if not isinstance(entry, dict) or not isinstance(entry.get("value_by_index"), dict):
+            raise ValueError(f"{where}: no '{REFERENCE_TR_KEY}.value_by_index' (per-question truth ratios of the "
+                             "retain model on the forget set); evaluate the retain model with soul eval first")
+        for idx, v in entry["value_by_index"].items():
+            if not isinstance(v, dict) or not isinstance(v.get("score"), int | float):
+                raise ValueError(f"{where}: '{REFERENCE_TR_KEY}.value_by_index[{idx!r}].score' must be a number")
+    return reference
+
+
+def reference_truth_ratios(reference: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v["score"]) for k, v in reference[REFERENCE_TR_KEY]["value_by_index"].items()}
+
+
+def reference_mia_auc(reference: dict[str, Any]) -> float | None:
+    entry = reference.get(REFERENCE_MIA_KEY)
+    value = entry.get("agg_value") if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, int | float) else None

@@ -1,0 +1,73 @@
+"""`soul reproduce`, `soul sweep` and `soul report`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from soul.pipeline import reproduce
+
+    reproduce(args.preset, args.out, keep_models=args.keep_models, only=args.only or None,
+              stream=None if args.quiet else sys.stderr)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from soul.pipeline import sweep
+
+    sweep(args.preset, args.out, stream=None if args.quiet else sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from soul.cli import CLIError
+    from soul.eval.results import load_results
+    from soul.report import write_report
+
+    results = load_results(args.results)
+    if "runs" not in results:
+        raise CLIError(f"{args.results}: not a soul results.json (no 'runs'); give the results.json that "
+                       "`soul reproduce` or `soul sweep` wrote")
+    write_report(results, args.out, fraction=args.utility_fraction)
+    return 0
+
+
+def _presets_help() -> str:
+    from soul.pipeline import list_presets
+
+    return ", ".join(list_presets()) or "none"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    presets = _presets_help()
+    p = subparsers.add_parser(
+        "reproduce", help="fine-tune target/retain, unlearn with every objective x optimizer, evaluate, report",
+        description="SOUL's first-order vs second-order comparison end to end; writes results.json, "
+                    "table.md, figures and report.html into --out.")
+    p.add_argument("--preset", default="demo", help=f"preset name ({presets}) or a YAML file")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--only", nargs="*", help="run only these unlearning runs (e.g. graddiff-sophia influence)")
+    p.add_argument("--keep-models", action="store_true", help="save every unlearned model under OUT/runs/")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--config", help="YAML file of option values")
+    p.set_defaults(func=_reproduce)
+
+    s = subparsers.add_parser(
+        "sweep", help="grid over lr / gamma / steps per optimizer; Pareto front of forget quality vs utility",
+        description="Runs the preset's sweep.grid for each optimizer and reports the Pareto front and, per "
+                    "optimizer, the best forget quality at model utility >= 95%% of the target's.")
+    s.add_argument("--preset", default="demo", help=f"preset name ({presets}) or a YAML file")
+    s.add_argument("--out", required=True, help="report directory")
+    s.add_argument("--quiet", action="store_true", help="no progress messages")
+    s.add_argument("--config", help="YAML file of option values")
+    s.set_defaults(func=_sweep)
+
+    r = subparsers.add_parser("report", help="redraw table, figures and report.html from a results.json")
+    r.add_argument("results", help="results.json written by soul reproduce / soul sweep")
+    r.add_argument("--out", required=True, help="report directory")
+    r.add_argument("--utility-fraction", type=float, default=0.95,
+                   help="utility floor (fraction of the target's) for the best-per-optimizer mark")
+    r.add_argument("--config", help="YAML file of option values")
+    r.set_defaults(func=_report)

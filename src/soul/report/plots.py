@@ -1,0 +1,177 @@
+"""Report figures, drawn with matplotlib's Agg canvas (no display, no pyplot global state) and returned as
+PNG bytes so the caller writes them atomically and embeds them in report.html.
+
+* `fq_mu_scatter`: forget quality (log scale) vs model utility, the target and retain models marked;
+* `loss_curves`: per-step training loss of each objective, first order vs second order;
+* `metric_bars`: one bar chart per table metric, one bar per model;
+* `pareto_plot`: sweep points per optimizer with each optimizer's Pareto front and the utility floor.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from soul.report.pareto import FQ, MU, pareto_front
+from soul.report.results import COLUMNS, OBJECTIVE_NAMES, OPTIMIZER_NAMES, OPTIMIZER_ORDER
+
+ROLE_STYLE = {"target": ("*", "tab:red"), "retain": ("*", "tab:green"), "influence": ("D", "tab:purple")}
+ORDER_MARKER = {"FO": "o", "SO": "^"}
+PALETTE = ["tab:blue", "tab:orange", "tab:cyan", "tab:brown", "tab:pink", "tab:olive", "tab:gray"]
+# Forget quality is a p-value that can underflow to 0; log axes need a positive floor.
+FQ_FLOOR = 1e-12
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _objective_colors(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    colors: dict[str, str] = {}
+    for row in rows:
+        obj = row.get("objective")
+        if obj and obj not in colors:
+            colors[obj] = PALETTE[len(colors) % len(PALETTE)]
+    return colors
+
+
+def _fq(v: float) -> float:
+    return max(float(v), FQ_FLOOR)
+
+
+def fq_mu_scatter(rows: Sequence[dict[str, Any]], title: str = "Forget quality vs model utility") -> bytes:
+    """Scatter of the table rows: x = model utility, y = forget quality (log). Rows missing either are
+    skipped. Colour = objective, marker = optimizer order (○ first order, △ second order); the target
+    (red ★), retain (green ★) and influence (purple ◆) models are marked and labelled."""
+    fig = Figure(figsize=(7, 5))
+    ax = fig.add_subplot()
+    colors = _objective_colors(rows)
+    for row in rows:
+        fq, mu = row.get("forget_quality"), row.get("model_utility")
+        if fq is None or mu is None:
+            continue
+        role = row["role"]
+        if role in ROLE_STYLE:
+            marker, color = ROLE_STYLE[role]
+            size = 220 if marker == "*" else 80
+        else:
+            marker = ORDER_MARKER.get(OPTIMIZER_ORDER.get(row.get("optimizer") or "", ""), "s")
+            color, size = colors[row["objective"]], 70
+        ax.scatter([mu], [_fq(fq)], marker=marker, s=size, color=color, edgecolor="black", linewidth=0.5,
+                   label=row["label"], zorder=3)
+        if role in ("target", "retain"):  # the rest are told apart by the legend (points often coincide)
+            ax.annotate(row["label"], (mu, _fq(fq)), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("Model utility (higher is better)")
+    ax.set_ylabel("Forget quality, KS p-value (log; higher is better)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def loss_curves(runs: Sequence[dict[str, Any]]) -> bytes | None:
+    """One panel per objective with the per-step training loss of each optimizer (solid = first order,
+    dashed = second order). None when no unlearned run has a curve."""
+    by_obj: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if run.get("role", "unlearned") == "unlearned" and run.get("curve"):
+            by_obj.setdefault(run["objective"], []).append(run)
+    if not by_obj:
+        return None
+    n = len(by_obj)
+    cols = min(n, 3)
+    nrows = math.ceil(n / cols)
+    fig = Figure(figsize=(4.5 * cols, 3.4 * nrows))
+    for k, (obj, obj_runs) in enumerate(by_obj.items()):
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        for run in obj_runs:
+            steps = [p[0] for p in run["curve"]]
+            losses = [p[1] for p in run["curve"]]
+            order = OPTIMIZER_ORDER.get(run["optimizer"], "")
+            name = f"{OPTIMIZER_NAMES.get(run['optimizer'], run['optimizer'])} ({order})" if order else run["optimizer"]
+            ax.plot(steps, losses, linestyle="--" if order == "SO" else "-", marker=".", markersize=3, label=name)
+        ax.set_title(f"{OBJECTIVE_NAMES.get(obj, obj)}: training loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def metric_bars(rows: Sequence[dict[str, Any]]) -> bytes:
+    """A grid of bar charts, one per table column, one bar per model (forget quality on a log axis)."""
+    cols = [c for c in COLUMNS if any(r.get(c.key) is not None for r in rows)]
+    ncols = 4
+    nrows = max(1, math.ceil(len(cols) / ncols))
+    fig = Figure(figsize=(4.2 * ncols, 3.6 * nrows + 0.8))
+    labels = [r["label"] for r in rows]
+    colors = []
+    obj_colors = _objective_colors(rows)
+    for r in rows:
+        colors.append(ROLE_STYLE[r["role"]][1] if r["role"] in ROLE_STYLE else obj_colors[r["objective"]])
+    hatches = ["//" if OPTIMIZER_ORDER.get(r.get("optimizer") or "") == "SO" else "" for r in rows]
+    for k, col in enumerate(cols):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        values = [r.get(col.key) for r in rows]
+        heights = [0.0 if v is None else (_fq(v) if col.key == "forget_quality" else v) for v in values]
+        bars = ax.bar(range(len(rows)), heights, color=colors, edgecolor="black", linewidth=0.4)
+        for bar, hatch in zip(bars, hatches):
+            bar.set_hatch(hatch)
+        if col.key == "forget_quality":
+            ax.set_yscale("log")
+        arrow = {True: " ↑", False: " ↓", None: ""}[col.higher_is_better]
+        ax.set_title(col.title + arrow, fontsize=10)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def pareto_plot(points: Sequence[dict[str, Any]], target_utility: float | None = None,
+                retain: dict[str, float] | None = None, fraction: float = 0.95,
+                best: dict[str, int | None] | None = None) -> bytes:
+    """Sweep points (forget quality vs utility) coloured by optimizer, each optimizer's Pareto front as a
+    step line, the utility floor ``fraction × target_utility`` as a vertical line, and the best point at
+    that floor per optimizer circled."""
+    fig = Figure(figsize=(7, 5))
+    ax = fig.add_subplot()
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(points):
+        groups.setdefault(str(p.get("optimizer")), []).append(i)
+    for g, (opt, idx) in enumerate(groups.items()):
+        color = PALETTE[g % len(PALETTE)]
+        sub = [points[i] for i in idx]
+        name = OPTIMIZER_NAMES.get(opt, opt)
+        ax.scatter([p[MU] for p in sub], [_fq(p[FQ]) for p in sub], color=color, alpha=0.6, s=30,
+                   marker=ORDER_MARKER.get(OPTIMIZER_ORDER.get(opt, ""), "s"), label=f"{name} settings")
+        front = [sub[i] for i in pareto_front(sub)]
+        ax.step([p[MU] for p in front], [_fq(p[FQ]) for p in front], where="post", color=color, linewidth=1.5,
+                label=f"{name} Pareto front")
+        if best and best.get(opt) is not None:
+            b = points[best[opt]]
+            ax.scatter([b[MU]], [_fq(b[FQ])], s=220, facecolors="none", edgecolors=color, linewidths=2,
+                       label=f"{name}: best FQ at utility ≥ {fraction:.0%} of target", zorder=4)
+    if target_utility is not None:
+        ax.axvline(fraction * target_utility, color="tab:red", linestyle=":", linewidth=1,
+                   label=f"{fraction:.0%} of target utility")
+    if retain and retain.get(FQ) is not None and retain.get(MU) is not None:
+        ax.scatter([retain[MU]], [_fq(retain[FQ])], marker="*", s=220, color="tab:green", edgecolor="black",
+                   label="Retain", zorder=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("Model utility")
+    ax.set_ylabel("Forget quality (log)")
+    ax.set_title("Sweep: forget quality vs model utility")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)

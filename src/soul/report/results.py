@@ -1,0 +1,246 @@
+"""The results structure the report is drawn from, and the per-model numbers of the paper-style table.
+
+A *results* dict (also the layout of ``results.json``)::
+
+    {"meta": {...},
+     "runs": [{"name": "graddiff-sophia", "role": "target" | "retain" | "unlearned" | "influence",
+               "objective": "graddiff", "optimizer": "sophia",      # unlearned runs only
+               "wall_time_s": 81.2,
+               "metrics": {"forget_quality": {"agg_value": 0.31, "value_by_index": {...}}, ...},
+               "curve": [[step, loss], ...],                        # optional, else read from "log"
+               "log": "path/to/log.jsonl",                           # optional
+               "examples": {"forget": [...], "retain": [...]}},     # optional, else from metrics
+              ...],
+     "sweep": {...}}                                                 # optional, see `soul.report.pareto`
+
+Metric keys follow open-unlearning: each is ``{"agg_value": float, "value_by_index": {idx: {...}}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROLES = ("target", "retain", "unlearned", "influence")
+ROLE_LABELS = {"target": "Original (target)", "retain": "Retain", "influence": "Influence (one-shot)"}
+
+OBJECTIVE_NAMES = {
+    "ga": "GA", "graddiff": "GradDiff", "ga_kl": "GA+KL", "po": "PO", "npo": "NPO", "npo_rt": "NPO+RT",
+    "simnpo": "SimNPO", "dpo": "DPO",
+}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "sophia": "Sophia"}
+# First order (gradient only) vs second order (curvature-preconditioned).
+OPTIMIZER_ORDER = {"adamw": "FO", "sgd": "FO", "sophia": "SO"}
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str                 # key in a table row
+    title: str               # column header
+    metrics: tuple[str, ...]  # eval-result keys, first present wins (() = not an eval metric)
+    bounded: bool = True     # a value in [0, 1]
+    higher_is_better: bool | None = None  # None: neither (closeness to the retain model matters)
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("forget_quality", "Forget quality", ("forget_quality",), True, True),
+    Column("forget_rouge", "Forget ROUGE-L", ("forget_Q_A_ROUGE",), True, False),
+    Column("forget_prob", "Forget prob.", ("forget_Q_A_Prob",), True, False),
+    Column("forget_truth_ratio", "Forget truth ratio", ("forget_truth_ratio",), True, None),
+    Column("mia_auc", "MIA AUC", ("mia_min_k", "mia_loss"), True, False),
+    Column("model_utility", "Model utility", ("model_utility",), True, True),
+    Column("retain_rouge", "Retain ROUGE-L", ("retain_Q_A_ROUGE",), True, True),
+    Column("wall_time_s", "Wall time", (), False, None),
+)
+METRIC_COLUMNS = tuple(c for c in COLUMNS if c.metrics)
+
+
+def run_label(run: dict[str, Any]) -> str:
+    """Display name of a run: e.g. "GradDiff + Sophia (SO)", "Original (target)", "Influence (one-shot)"."""
+    if run.get("label"):
+        return str(run["label"])
+    role = run.get("role", "unlearned")
+    if role in ROLE_LABELS:
+        return ROLE_LABELS[role]
+    obj = str(run.get("objective", "?"))
+    opt = str(run.get("optimizer", "?"))
+    order = OPTIMIZER_ORDER.get(opt)
+    label = f"{OBJECTIVE_NAMES.get(obj, obj)} + {OPTIMIZER_NAMES.get(opt, opt)}"
+    return f"{label} ({order})" if order else label
+
+
+def agg(metrics: dict[str, Any], names: tuple[str, ...]) -> float | None:
+    """The ``agg_value`` of the first of `names` present in `metrics` (None when none is, or it is null)."""
+    for name in names:
+        entry = metrics.get(name)
+        if isinstance(entry, dict) and "agg_value" in entry:
+            value = entry["agg_value"]
+            return None if value is None else float(value)
+        if isinstance(entry, int | float):  # an already-reduced results file
+            return float(entry)
+    return None
+
+
+def _validate_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = results.get("runs")
+    if not isinstance(runs, list):
+        raise ValueError("results: expected a list under 'runs'")
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise ValueError(f"results: runs[{i}] must be a mapping, got {type(run).__name__}")
+        role = run.get("role", "unlearned")
+        if role not in ROLES:
+            raise ValueError(f"results: runs[{i}].role is {role!r}; expected one of {ROLES}")
+        if role == "unlearned" and not (run.get("objective") and run.get("optimizer")):
+            raise ValueError(f"results: runs[{i}] ({run.get('name')!r}) is an unlearned run without "
+                             "'objective' and 'optimizer'")
+        if not isinstance(run.get("metrics", {}), dict):
+            raise ValueError(f"results: runs[{i}].metrics must be a mapping of metric name to result")
+    return runs
+
+
+def ordered_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs in table order: target, retain, then unlearned runs grouped by objective (in order of first
+    appearance) with first order before second order, then one-shot influence."""
+    runs = _validate_runs(results)
+    objectives: list[str] = []
+    for run in runs:
+        if run.get("role", "unlearned") == "unlearned" and run["objective"] not in objectives:
+            objectives.append(run["objective"])
+    role_rank = {"target": 0, "retain": 1, "unlearned": 2, "influence": 3}
+    order_rank = {"FO": 0, "SO": 1}
+
+    def key(item: tuple[int, dict[str, Any]]) -> tuple[int, int, int, int]:
+        i, run = item
+        role = run.get("role", "unlearned")
+        if role != "unlearned":
+            return (role_rank[role], 0, 0, i)
+        return (2, objectives.index(run["objective"]), order_rank.get(OPTIMIZER_ORDER.get(run["optimizer"], ""), 2), i)
+
+    return [run for _, run in sorted(enumerate(runs), key=key)]
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per run (see `ordered_runs`): ``{"name", "label", "role", "optimizer", <column keys>}``."""
+    rows = []
+    for run in ordered_runs(results):
+        metrics = run.get("metrics", {})
+        row: dict[str, Any] = {"name": run.get("name", run_label(run)), "label": run_label(run),
+                               "role": run.get("role", "unlearned"), "objective": run.get("objective"),
+                               "optimizer": run.get("optimizer")}
+        for col in METRIC_COLUMNS:
+            row[col.key] = agg(metrics, col.metrics)
+        wt = run.get("wall_time_s")
+        row["wall_time_s"] = None if wt is None else float(wt)
+        rows.append(row)
+    return rows
+
+
+def check_row_ranges(rows: list[dict[str, Any]]) -> list[str]:
+    """Problems with the numbers of `rows`: non-finite values, bounded metrics outside [0, 1], negative
+    wall times. Empty when every number is sane (missing values are allowed: a preset may skip a metric)."""
+    problems = []
+    for row in rows:
+        for col in COLUMNS:
+            v = row.get(col.key)
+            if v is None:
+                continue
+            if not math.isfinite(v):
+                problems.append(f"{row['label']}: {col.title} is {v}")
+            elif col.bounded and not 0.0 <= v <= 1.0:
+                problems.append(f"{row['label']}: {col.title} = {v} is outside [0, 1]")
+            elif not col.bounded and v < 0:
+                problems.append(f"{row['label']}: {col.title} = {v} is negative")
+    return problems
+
+
+# --- example generations ----------------------------------------------------------------------------------
+
+_QUESTION_KEYS = ("question", "input", "prompt")
+_GENERATION_KEYS = ("generation", "gen", "output", "prediction")
+_TRUTH_KEYS = ("ground_truth", "answer", "reference", "target")
+
+
+def _first(d: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    for k in keys:
+        if isinstance(d.get(k), str):
+            return d[k]
+    return None
+
+
+def extract_examples(metrics: dict[str, Any], split: str, n: int = 3) -> list[dict[str, str]]:
+    """Up to `n` per-question generations of `split` ("forget" or "retain") from the ROUGE entry of an eval
+    result, in index order: ``[{"index", "question", "answer", "generation"}]``."""
+    entry = metrics.get(f"{split}_Q_A_ROUGE")
+    by_index = entry.get("value_by_index") if isinstance(entry, dict) else None
+    if not isinstance(by_index, dict):
+        return []
+
+    def sort_key(k: str) -> tuple[int, int | str]:
+        return (0, int(k)) if str(k).lstrip("-").isdigit() else (1, str(k))
+
+    out = []
+    for idx in sorted(by_index, key=sort_key):
+        rec = by_index[idx]
+        if not isinstance(rec, dict):
+            continue
+        gen = _first(rec, _GENERATION_KEYS)
+        if gen is None:
+            continue
+        out.append({"index": str(idx), "question": _first(rec, _QUESTION_KEYS) or "",
+                    "answer": _first(rec, _TRUTH_KEYS) or "", "generation": gen})
+        if len(out) >= n:
+            break
+    return out
+
+
+# --- training curves --------------------------------------------------------------------------------------
+
+def read_loss_curve(log_path: str | Path) -> list[list[float]]:
+    """``[[step, loss], ...]`` from a training JSONL log (one JSON object per line with ``step`` and
+    ``loss``; lines without both, e.g. evaluation or summary lines, are skipped)."""
+    path = Path(log_path)
+    curve = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"training log {path}, line {lineno}: not valid JSON ({err.msg})") from None
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int | float) and isinstance(
+                rec.get("loss"), int | float):
+            curve.append([float(rec["step"]), float(rec["loss"])])
+    return curve
+
+
+def reduce_run(run: dict[str, Any], n_examples: int = 3) -> dict[str, Any]:
+    """A compact copy of `run` for results.json: aggregate metric values only, example generations and the
+    loss curve pulled in (so the report can be redrawn from results.json alone)."""
+    out = {k: v for k, v in run.items() if k not in ("metrics", "examples", "curve")}
+    metrics = run.get("metrics", {}) or {}
+    out["label"] = run_label(run)
+    out["metrics"] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict) and "agg_value" in v:
+            out["metrics"][k] = {"agg_value": v["agg_value"]}
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out["metrics"][k] = {"agg_value": float(v)}
+    out["examples"] = run.get("examples") or {s: extract_examples(metrics, s, n_examples)
+                                              for s in ("forget", "retain")}
+    curve = run.get("curve")
+    if curve is None and run.get("log") and Path(run["log"]).is_file():
+        curve = read_loss_curve(run["log"])
+    out["curve"] = curve or []
+    return out
+
+
+def reduce_results(results: dict[str, Any], n_examples: int = 3) -> dict[str, Any]:
+    _validate_runs(results)
+    out = {k: v for k, v in results.items() if k != "runs"}
+    out["runs"] = [reduce_run(r, n_examples) for r in results["runs"]]
+    out["table"] = table_rows(results)
+    return out

@@ -1,0 +1,128 @@
+"""`soul finetune` and `soul unlearn`.
+
+Every `TrainConfig` field is an option (``--batch-size``, ``--grad-accum`` …). Values come, lowest first,
+from the defaults, ``--preset NAME`` (src/soul/presets/NAME.yaml), ``--config FILE.yaml`` and the command
+line. Options are registered without argparse defaults so the layers can be told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from typing import Any
+
+from soul.train.config import TrainConfig, list_presets, load_preset
+
+# Options that only make sense for one of the two commands.
+UNLEARN_ONLY = {"forget_split", "retain_split", "objective", "gamma", "alpha", "beta", "delta", "hessian_batch"}
+FINETUNE_ONLY = {"split"}
+SKIP = {"extra"}
+
+HELP = {
+    "forget_split": "split to forget (default forget10)",
+    "retain_split": "split to keep (default: the forget split's complement, e.g. retain90)",
+    "split": "split to fine-tune on (default full)",
+    "prompt_format": "auto | chat | plain",
+    "max_length": "truncate question+answer to this many tokens",
+    "objective": "ga | graddiff | ga_kl | po | npo | npo_rt | simnpo | dpo",
+    "gamma": "weight of the forget term",
+    "alpha": "weight of the retain term",
+    "beta": "inverse temperature (npo, simnpo, dpo)",
+    "delta": "margin (simnpo)",
+    "optimizer": "adamw | sgd | sophia",
+    "lr": "peak learning rate",
+    "betas": "the optimizer's two betas",
+    "rho": "Sophia's clipping scale (gamma in the Sophia paper)",
+    "hessian_interval": "Sophia: estimate the Hessian every k steps",
+    "estimator": "Sophia's Hessian estimator: gnb | hutchinson | gradsq",
+    "hessian_batch": "data for the Hessian estimate: forget | retain | both",
+    "epochs": "passes over the training (forget) split",
+    "max_steps": "stop after this many optimizer steps (overrides epochs)",
+    "batch_size": "micro-batch size per process",
+    "grad_accum": "micro-batches per optimizer step",
+    "warmup_ratio": "fraction of steps for linear warm-up",
+    "warmup_steps": "warm-up steps (overrides warmup_ratio)",
+    "max_grad_norm": "clip the global gradient norm (0: off)",
+    "mixed_precision": "auto | no | bf16 | fp16",
+    "lora_r": "LoRA rank (0: train all weights)",
+    "lora_target_modules": "modules to adapt (default all linear layers)",
+    "probe_every": "probe forget/retain answer probability every N steps (0: off)",
+    "probe_each_epoch": "probe at the end of every epoch",
+    "probe_size": "records per probe set",
+    "keep_best": "keep (and save) the weights best by: forget_prob | retain_prob | train_prob | gap",
+    "checkpoint_every": "checkpoint every N steps (0: off)",
+    "keep_checkpoints": "keep the checkpoints in the output directory",
+    "resume": "continue from the last checkpoint in --out",
+    "progress": "show a progress bar",
+}
+
+
+def _argparse_kwargs(annotation: str) -> dict[str, Any]:
+    """argparse options for a dataclass field annotation (a string under `from __future__ import annotations`)."""
+    base = annotation.replace(" | None", "")
+    if base == "bool":
+        return {"action": argparse.BooleanOptionalAction}
+    if base == "list[float]":
+        return {"type": float, "nargs": 2, "metavar": ("B1", "B2")}
+    if base == "list[str]":
+        return {"type": str, "nargs": "+"}
+    return {"type": {"int": int, "float": float, "str": str}[base]}
+
+
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--model", default=argparse.SUPPRESS,
+                        help="model to train: alias (smollm2-135m), local HF directory or hub id")
+    parser.add_argument("--data", default=argparse.SUPPRESS,
+                        help="data source: 'bundled' (default), a directory of split files, or locuslab/TOFU")
+    parser.add_argument("--out", default=argparse.SUPPRESS, help="new output directory for the trained model")
+    parser.add_argument("--preset", default=argparse.SUPPRESS,
+                        help=f"preset name ({', '.join(list_presets())}) or YAML path")
+    parser.add_argument("--config", help="YAML file of option values (command-line options win)")
+    skip = SKIP | (FINETUNE_ONLY if command == "unlearn" else UNLEARN_ONLY)
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                            help=HELP.get(f.name), **_argparse_kwargs(str(f.type)))
+
+
+def _values(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    from soul.cli import CLIError
+    from soul.train.api import finetune, unlearn
+    from soul.train.loop import NonFiniteLossError
+
+    values = _values(args)
+    preset = load_preset(values["preset"]) if "preset" in values else {}
+    # model/data/out may come from the preset too; the command line and --config win.
+    model = values.pop("model", preset.get("model"))
+    data = values.pop("data", preset.get("data", "bundled"))
+    out = values.pop("out", preset.get("out"))
+    if model is None:
+        raise CLIError("--model is required (or give it in --config / --preset)")
+    if out is None:
+        raise CLIError("--out is required: the trained model goes to a new directory")
+    try:
+        if command == "unlearn":
+            _, record = unlearn(model, data=data, out_dir=out, **values)
+        else:
+            _, record = finetune(model, data=data, out_dir=out, **values)
+    except NonFiniteLossError as err:
+        raise CLIError(str(err)) from None
+    final = record.get("final", {})
+    parts = ", ".join(f"{k}={v:.4g}" for k, v in final.items()
+                      if isinstance(v, float) and k not in ("lr", "time", "epoch"))
+    print(f"soul {command}: {record['steps']} steps in {record['wall_time_s']:.1f}s; {parts}; model -> {out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    for command, help_text in (("unlearn", "unlearn a split from a model (objective + optimizer)"),
+                               ("finetune", "fine-tune a model on the answers of a split")):
+        p = subparsers.add_parser(command, help=help_text, description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_options(p, command)
+        p.set_defaults(func=lambda args, command=command: _run(args, command))

@@ -1,0 +1,57 @@
+"""`soul eval` end to end on a tiny saved model and a small generated benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from soul.cli import main
+from soul.models import save_model
+from soul.testing import tiny_model
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    data = pytest.importorskip("soul.data")
+    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
+    data.make_benchmark(tmp_path / "data", n_authors=4, qas_per_author=3)
+    model, tok = tiny_model("llama", seed=1)
+    save_model(model, tok, tmp_path / "retain")
+    return tmp_path
+
+
+def test_soul_eval_with_cached_retain_reference(setup, capsys):
+    tmp = setup
+    argv = ["eval", "--model", str(tmp / "retain"), "--data", str(tmp / "data"), "--forget-split", "forget10",
+            "--retain-model", str(tmp / "retain"), "--max-new-tokens", "4", "--out", str(tmp / "res.json")]
+    assert main(argv) == 0
+    res = json.loads((tmp / "res.json").read_text())
+    for key in ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "retain_Truth_Ratio", "ra_Q_A_ROUGE",
+                "wf_Q_A_Prob_normalised", "model_utility", "mia_min_k_plus_plus", "privleak", "extraction_strength"):
+        assert key in res, key
+    # the retain model evaluated against its own (cached) reference: forget quality 1, no privacy leak
+    assert res["forget_quality"]["agg_value"] == pytest.approx(1.0, abs=1e-9)
+    assert res["privleak"]["agg_value"] == pytest.approx(0.0, abs=1e-9)
+    cached = list((tmp / "cache" / "eval").glob("reference-*.json"))
+    assert len(cached) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["forget_quality"] == res["forget_quality"]["agg_value"]
+    # the saved results file serves as reference too
+    argv2 = [*argv[:7], "--retain-results", str(tmp / "res.json"), "--max-new-tokens", "2", "--out", str(tmp / "r2.json")]
+    assert main(argv2) == 0
+    assert json.loads((tmp / "r2.json").read_text())["forget_quality"]["agg_value"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_soul_eval_errors(setup, capsys):
+    tmp = setup
+    base = ["eval", "--model", str(tmp / "retain"), "--data", str(tmp / "data")]
+    assert main([*base, "--out", str(tmp / "x.json"), "--retain-results", str(tmp / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "--out is required" in capsys.readouterr().err
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        assert main([*base, "--out", str(tmp / "x.json"), "--lm-eval", "mmlu"]) == 2
+        assert "soul[lm-eval]" in capsys.readouterr().err

@@ -1,0 +1,177 @@
+"""`soul.pipeline`: preset handling and grids (fast), and the whole `tiny` pipeline end to end (CI smoke)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+
+import pytest
+
+from soul import pipeline
+from soul.pipeline import hash_records, load_preset, sweep_grid, unlearn_configs
+
+
+def test_shipped_presets_load_and_every_run_config_is_valid():
+    from soul.objectives import build_objective
+    from soul.train import make_config
+
+    names = pipeline.list_presets()
+    assert {"demo", "paper-cpu", "tiny", "tofu-forget01", "tofu-forget05", "tofu-forget10"} <= set(names)
+    for name in names:
+        preset = load_preset(name)
+        specs = unlearn_configs(preset)
+        objectives = {s["objective"] for s in specs}
+        assert {"graddiff", "po", "npo"} <= objectives, name
+        assert {s["optimizer"] for s in specs} >= {"adamw", "sophia"}, name
+        budgets = {(s["config"].get("max_steps"), s["config"].get("epochs")) for s in specs}
+        assert len(budgets) == 1, f"{name}: unequal step budgets {budgets}"
+        for spec in [*specs, *sweep_grid(preset)]:
+            cfg = {k: v for k, v in spec["config"].items()}
+            make_config(cfg, objective=spec["objective"], optimizer=spec["optimizer"])  # raises on a bad option
+            coeffs = {k: cfg[k] for k in ("gamma", "alpha", "beta", "delta") if k in cfg}
+            build_objective(spec["objective"], **coeffs)  # raises on a coefficient the objective lacks
+        ft = (preset.get("target") or {}).get("finetune")
+        if ft:
+            make_config(ft, objective="finetune")
+
+
+def test_unlearn_grid_precedence():
+    preset = load_preset({"unlearn": {
+        "common": {"max_steps": 7, "lr": 1.0, "batch_size": 2},
+        "objectives": {"graddiff": {"gamma": 2.0}, "npo": {"beta": 0.5, "lr": 3.0}},
+        "optimizers": {"adamw": {"lr": 4.0}, "sophia": {}},
+        "overrides": {"npo/sophia": {"lr": 9.0}}}})
+    specs = {s["name"]: s["config"] for s in unlearn_configs(preset)}
+    assert list(specs) == ["graddiff-adamw", "graddiff-sophia", "npo-adamw", "npo-sophia"]
+    assert specs["graddiff-adamw"]["lr"] == 4.0 and specs["graddiff-sophia"]["lr"] == 1.0
+    assert specs["npo-adamw"]["lr"] == 4.0 and specs["npo-sophia"]["lr"] == 9.0
+    assert all(c["max_steps"] == 7 and c["seed"] == 0 for c in specs.values())
+    assert specs["graddiff-sophia"]["gamma"] == 2.0 and "gamma" not in specs["npo-adamw"]
+
+
+def test_sweep_grid_is_the_product_per_optimizer():
+    preset = load_preset({"unlearn": {"common": {"max_steps": 5}}, "sweep": {"objective": "graddiff", "grid": {
+        "adamw": {"lr": [1, 2, 3], "gamma": [0.5, 1.0]}, "sophia": {"lr": [1], "max_steps": [2, 4]}}}})
+    specs = sweep_grid(preset)
+    assert len(specs) == 3 * 2 + 1 * 2
+    assert {(s["config"]["lr"], s["config"]["gamma"]) for s in specs if s["optimizer"] == "adamw"} == {
+        (a, b) for a in (1, 2, 3) for b in (0.5, 1.0)}
+    assert sorted(s["config"]["max_steps"] for s in specs if s["optimizer"] == "sophia") == [2, 4]
+    assert all(s["config"]["max_steps"] == 5 for s in specs if s["optimizer"] == "adamw")
+    assert len({s["name"] for s in specs}) == len(specs)
+    with pytest.raises(ValueError, match="sweep.grid"):
+        sweep_grid(load_preset({}))
+
+
+def test_bad_presets_are_named():
+    with pytest.raises(ValueError, match="unknown reproduce preset 'nope'"):
+        load_preset("nope")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epochs'\]"):
+        load_preset({"epochs": 3})
+    with pytest.raises(ValueError, match="task 'detox'"):
+        load_preset({"task": "detox"})
+
+
+def test_hashes_see_content_not_layout(tmp_path, llama):
+    a = [{"question": "q", "answer": "a"}]
+    assert hash_records(a) == hash_records([{"answer": "a", "question": "q"}])
+    assert hash_records(a) != hash_records([{"question": "q", "answer": "b"}])
+    from soul.models import save_model
+
+    model, tok = llama
+    save_model(model, tok, tmp_path / "m1")
+    save_model(model, tok, tmp_path / "m2")
+    fp = pipeline.model_fingerprint(tmp_path / "m1")
+    assert fp == pipeline.model_fingerprint(tmp_path / "m2")  # same bytes, other place: same key
+    import torch
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] += 1.0
+    save_model(model, tok, tmp_path / "m2")
+    assert pipeline.model_fingerprint(tmp_path / "m2") != fp
+    assert pipeline.model_fingerprint("locuslab/tofu_ft_llama2-7b") == "hub:locuslab/tofu_ft_llama2-7b"
+
+
+# ------------------------------------------------------------------------------------------- end to end
+BOUNDED = re.compile(r"Prob|ROUGE|Truth_Ratio|truth_ratio|quality|utility|^mia_|memorization|extraction")
+
+
+@pytest.mark.slow
+@pytest.mark.smoke
+def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
+    """The whole `tiny` preset: every file written, every number finite and in range, forget quality
+    against the retain model (checked against a recomputation), equal step budgets, cached reruns."""
+    from scipy.stats import ks_2samp
+
+    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    log = io.StringIO()
+    pipeline.reproduce("tiny", out, stream=log)
+
+    names = ["target", "retain", *(f"{o}-{p}" for o in ("graddiff", "po", "npo") for p in ("adamw", "sophia")),
+             "influence"]
+    for f in ("results.json", "table.md", "report.html", "fq_vs_utility.png", "loss_curves.png", "metric_bars.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    for name in names:
+        assert (out / "eval" / f"{name}.json").is_file(), name
+    data = json.loads((out / "results.json").read_text())
+    table = data["table"]
+    assert [r["name"] for r in table] == names
+    for row in table:
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert math.isfinite(value), (row["name"], key)
+                if key != "wall_time_s":
+                    assert 0.0 <= value <= 1.0, (row["name"], key, value)
+                else:
+                    assert value >= 0
+        for key in ("forget_quality", "forget_prob", "forget_truth_ratio", "mia_auc", "model_utility"):
+            assert row[key] is not None, (row["name"], key)
+    assert data["problems"] == []
+    for name in names:
+        full = json.loads((out / "eval" / f"{name}.json").read_text())
+        for key, entry in full.items():
+            if isinstance(entry, dict) and isinstance(entry.get("agg_value"), float):
+                v = entry["agg_value"]
+                assert math.isfinite(v), (name, key)
+                if BOUNDED.search(key):
+                    assert 0.0 <= v <= 1.0, (name, key, v)
+
+    # Forget quality is the KS p-value against the *retain* model's per-question truth ratios.
+    ref = json.loads((out / "eval" / "retain.json").read_text())["forget_truth_ratio"]["value_by_index"]
+    tgt = json.loads((out / "eval" / "target.json").read_text())
+    mine = tgt["forget_truth_ratio"]["value_by_index"]
+    expected = ks_2samp([mine[k]["score"] for k in sorted(mine, key=int)],
+                        [ref[k]["score"] for k in sorted(ref, key=int)]).pvalue
+    assert tgt["forget_quality"]["agg_value"] == pytest.approx(expected, abs=1e-12)
+    assert table[1]["forget_quality"] == 1.0  # the retain model against itself
+
+    # Equal step budgets: every unlearned run logged the preset's max_steps steps, with finite losses.
+    steps = {}
+    for name in names[2:-1]:
+        lines = [json.loads(x) for x in (out / "runs" / name / "train_log.jsonl").read_text().splitlines()]
+        steps[name] = [r["step"] for r in lines]
+        assert all(math.isfinite(r["loss"]) for r in lines)
+    assert all(s == [1, 2, 3] for s in steps.values()), steps
+
+    html = (out / "report.html").read_text()
+    embedded = [base64.b64decode(u) for u in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+    assert (out / "fq_vs_utility.png").read_bytes() in embedded and len(embedded) == 3
+    assert "GradDiff + Sophia (SO)" in html and "Influence (one-shot)" in html
+
+    # Rerun (a sweep over one setting per optimizer): fine-tuned models and reference evaluations are cached.
+    preset = load_preset("tiny")
+    preset["sweep"]["grid"] = {"adamw": {"lr": [1.0e-3], "max_steps": [2]},
+                               "sophia": {"lr": [1.0e-3], "max_steps": [2]}}
+    log2 = io.StringIO()
+    results = pipeline.sweep(preset, tmp_path / "sweep", stream=log2)
+    text = log2.getvalue()
+    assert "target model: cached" in text and "retain model: cached" in text
+    assert "evaluating target: cached" in text and "fine-tuning" not in text
+    assert len(list((tmp_path / "cache" / "finetuned").iterdir())) == 2
+    assert (tmp_path / "sweep" / "pareto.png").is_file()
+    sweep_data = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert len(results["sweep"]["points"]) == 2 and set(sweep_data["sweep"]["fronts"]) == {"adamw", "sophia"}
