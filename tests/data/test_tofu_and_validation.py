@@ -162,3 +162,18 @@ def test_check_disjoint_names_the_overlapping_question():
     assert msg.startswith("forget10.json: record 1: field 'question': also in retain90.json (record 1)")
     assert "KELVOR" in msg
     check_disjoint(GOOD, retain[:1])  # no overlap: no error
+
+
+def test_load_forget_retain_infers_the_retain_split_and_checks_overlap(tmp_path):
+    from soul.data.tofu import load_forget_retain, matching_retain
+
+    assert [matching_retain(n) for n in ("forget01", "forget05", "forget10_perturbed")] == [
+        "retain99", "retain95", "retain90"]
+    with pytest.raises(ValueError, match="cannot infer the retain split for 'full'"):
+        matching_retain("full")
+    write_json(tmp_path / "forget05.json", GOOD[:1])
+    write_json(tmp_path / "retain95.json", GOOD[1:])
+    assert load_forget_retain(tmp_path, "forget05") == (GOOD[:1], GOOD[1:])
+    write_json(tmp_path / "retain95.json", GOOD)
+    with pytest.raises(DataError, match=r"\[forget05\]: record 0: field 'question': also in .*\[retain95\] \(record 0\)"):
+        load_forget_retain(tmp_path, "forget05")

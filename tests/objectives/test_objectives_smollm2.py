@@ -9,7 +9,7 @@ import pytest
 import torch
 from objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch
 
-from soul.objectives import OBJECTIVES, build_objective
+from soul.objectives import build_objective
 
 
 @pytest.mark.slow
@@ -17,9 +17,6 @@ def test_objectives_on_smollm2(smollm2):
     model, tokenizer = smollm2
     forget, retain = make_batch(tokenizer, FORGET, REFUSALS), make_batch(tokenizer, RETAIN)
     # θ = ref: the same module serves as its own reference (its reference pass builds no graph).
-    for name in OBJECTIVES:
-        out = build_objective(name)(model, forget, retain, model)
-        assert math.isfinite(out.loss.item()), name
     assert build_objective("npo", beta=0.1)(model, forget, ref_model=model).loss.item() == pytest.approx(
         20 * math.log(2), rel=1e-5)
     assert build_objective("dpo", alpha=0)(model, forget, ref_model=model).loss.item() == pytest.approx(

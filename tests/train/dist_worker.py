@@ -69,14 +69,13 @@ def load_data(path: str | os.PathLike) -> dict[str, list[dict]]:
 
 
 def run(model_dir: str, data: dict[str, list[dict]], out_dir: str | os.PathLike, batch_size: int,
-        **overrides: Any) -> dict[str, Any]:
-    """One graddiff + Sophia(GNB) run through `soul.train.unlearn`; returns its run record."""
+        **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """One graddiff + Sophia(GNB) run through `soul.train.unlearn`; returns ``(model, run record)``."""
     from soul.train import unlearn
 
     options = {**RUN_OPTIONS, **overrides}
-    _, record = unlearn(model_dir, data=data, forget_split="forget", retain_split="retain", out_dir=out_dir,
-                        batch_size=batch_size, **options)
-    return record
+    return unlearn(model_dir, data=data, forget_split="forget", retain_split="retain", out_dir=out_dir,
+                   batch_size=batch_size, **options)
 
 
 def hutchinson_refusal(model_dir: str, data: dict[str, list[dict]], out_dir: Path, batch_size: int) -> str:
@@ -107,12 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         enable_fsdp_on_cpu()
 
     from accelerate import PartialState
+    from torch.distributed.fsdp import FSDPModule
 
     data = load_data(args.data)
     out = Path(args.out)
-    record = run(args.model, data, out / "model", args.batch_size)
-    report: dict[str, Any] = {"world_size": record["world_size"], "device": record["device"],
-                              "final": record["final"]}
+    model, record = run(args.model, data, out / "model", args.batch_size)
+    report: dict[str, Any] = {
+        "world_size": record["world_size"],
+        "device": record["device"],
+        "final": record["final"],
+        # What the loop trained: under FSDP2, DTensor parameters, every decoder layer its own FSDP unit.
+        "param_types": sorted({type(p).__name__ for p in model.parameters()}),
+        "root_sharded": isinstance(model, FSDPModule),
+        "layers_sharded": [isinstance(layer, FSDPModule) for layer in model.model.layers],
+    }
     from accelerate.state import AcceleratorState
 
     report["distributed_type"] = str(AcceleratorState().distributed_type)

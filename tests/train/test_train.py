@@ -152,7 +152,7 @@ def test_grad_accum_matches_a_bigger_batch(toy_target):
 
 
 def test_lora_is_merged_into_a_plain_model(toy_target, tmp_path):
-    _, record = unlearn(str(toy_target), data=DATA, optimizer="adamw", lr=1e-2, max_steps=2, batch_size=2,
+    unlearn(str(toy_target), data=DATA, optimizer="adamw", lr=1e-2, max_steps=2, batch_size=2,
                         lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"],
                         out_dir=tmp_path / "lora", **QUIET)
     before, after = weights(toy_target), weights(tmp_path / "lora")

@@ -22,13 +22,13 @@ from soul.data.generate import build_splits, make_benchmark
 from soul.data.mcq import load_multiple_choice, mcq_from_qa, validate_mcq
 from soul.data.summary import describe_benchmark, describe_split
 from soul.data.text import TextDataset, continuation_items, load_copyright, load_passages
-from soul.data.tofu import bundled_dir, load_split
+from soul.data.tofu import bundled_dir, load_forget_retain, load_split, matching_retain
 from soul.data.validate import DataError, check_disjoint, validate_qa
 
 __all__ = [
     "DataError", "LengthBucketBatchSampler", "QACollator", "QADataset", "TextDataset", "build_splits",
     "bundled_dir", "check_disjoint", "continuation_items", "describe_benchmark", "describe_split",
-    "encode_qa", "load_copyright", "load_detox", "load_multiple_choice", "load_passages", "load_refusals",
-    "load_split", "make_benchmark", "mcq_from_qa", "pad_batch", "padding_fraction", "qa_dataloader",
-    "refusal_choices", "validate_mcq", "validate_qa",
+    "encode_qa", "load_copyright", "load_detox", "load_forget_retain", "load_multiple_choice",
+    "load_passages", "load_refusals", "load_split", "make_benchmark", "matching_retain", "mcq_from_qa",
+    "pad_batch", "padding_fraction", "qa_dataloader", "refusal_choices", "validate_mcq", "validate_qa",
 ]

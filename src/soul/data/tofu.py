@@ -21,7 +21,7 @@ from pathlib import Path
 
 from soul.data.generate import GENERATOR_VERSION, make_benchmark
 from soul.data.io import find_split_file, read_record_path
-from soul.data.validate import validate_qa
+from soul.data.validate import check_disjoint, validate_qa
 
 KNOWN_HUB_IDS = ("locuslab/TOFU",)
 HUB_PREFIX = "hf:"
@@ -84,3 +84,24 @@ def load_split(source: str | os.PathLike = "bundled", name: str = "full", *, tok
             f"({', '.join(KNOWN_HUB_IDS)} or '{HUB_PREFIX}owner/name')"
         )
     return validate_qa(records, where, name, tokenizer)
+
+
+def matching_retain(forget: str) -> str:
+    """TOFU's retain split for a forget split: forgetXX -> retain(100-XX), e.g. forget10 -> retain90."""
+    digits = forget.removeprefix("forget").removesuffix("_perturbed")
+    if not forget.startswith("forget") or not digits.isdigit():
+        raise ValueError(f"cannot infer the retain split for {forget!r}; name it explicitly (e.g. retain90)")
+    return f"retain{100 - int(digits):02d}"
+
+
+def load_forget_retain(source: str | os.PathLike = "bundled", forget: str = "forget10",
+                       retain: str | None = None, *, tokenizer=None) -> tuple[list[dict], list[dict]]:
+    """(forget records, retain records), each validated, and checked not to share a question.
+
+    `retain` defaults to TOFU's matching split (`matching_retain`).
+    """
+    retain = retain or matching_retain(forget)
+    f = load_split(source, forget, tokenizer=tokenizer)
+    r = load_split(source, retain, tokenizer=tokenizer)
+    check_disjoint(f, r, forget_name=f"{source}[{forget}]", retain_name=f"{source}[{retain}]")
+    return f, r

@@ -342,26 +342,27 @@ def _single_tensor_sophia(params, grads, exp_avgs, hessians, *, lr, weight_decay
 
 
 def _multi_tensor_sophia(params, grads, exp_avgs, hessians, *, lr, weight_decay, beta1, rho, eps, bc1, bc2):
-    """foreach path. The bias corrections are folded into two scalars so the update costs few passes:
+    """foreach path, arranged for few memory passes (profiled on the 135M parameter set).
 
-    sign(m~) min(|m~| / max(rho h~, eps), 1) = clamp(m / max(a h, b), -1, 1) with a = rho bc1 / bc2,
-    b = eps bc1 (m~ = m / bc1, h~ = h / bc2, bc1 > 0).
+    With m~ = m / bc1, h~ = h / bc2 and a = rho bc1 / bc2, b = eps bc1:
+    sign(m~) min(|m~| / max(rho h~, eps), 1) = m / max(|m|, a h, b) = (m / D) / a with D = max(|m|/a, h, b/a),
+    so the clip needs no clamp of the ratio and the update is one addcdiv. A coordinate is clipped exactly when
+    |m|/a >= max(h, b/a), i.e. when E = |m|/a survives the max unchanged: count the zeros of E - D.
     """
     grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    a = rho * bc1 / bc2
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m + (1-b1)(g - m) = b1 m + (1-b1) g
-    ratio = torch._foreach_mul(hessians, rho * bc1 / bc2)
-    torch._foreach_clamp_min_(ratio, eps * bc1)
-    ratio = torch._foreach_div(exp_avgs, ratio)
-    torch._foreach_clamp_min_(ratio, -1.0)
-    torch._foreach_clamp_max_(ratio, 1.0)
-    if all(p.dtype == r.dtype for p, r in zip(params, ratio)):
-        torch._foreach_add_(params, ratio, alpha=-lr)
+    scaled = torch._foreach_mul(exp_avgs, 1.0 / a)
+    torch._foreach_abs_(scaled)  # E = |m| / a
+    denom = torch._foreach_maximum(scaled, hessians)
+    torch._foreach_clamp_min_(denom, eps * bc2 / rho)  # b / a
+    if all(p.dtype == m.dtype for p, m in zip(params, exp_avgs)):
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / a)
     else:
-        for p, r in zip(params, ratio):
-            p.add_(r.to(p.dtype), alpha=-lr)
-    # Clipped coordinates are exactly +-1 now; trunc maps them to +-1 and every other one to 0.
-    torch._foreach_trunc_(ratio)
-    counts = torch._foreach_norm(ratio, 1)
-    return torch.stack(counts).sum()
+        for p, m, d in zip(params, exp_avgs, denom):
+            p.add_((m / d).to(p.dtype), alpha=-lr / a)
+    torch._foreach_sub_(scaled, denom)  # 0 exactly where clipped, < 0 elsewhere
+    unclipped = torch.stack(torch._foreach_norm(scaled, 0)).sum()
+    return sum(p.numel() for p in params) - unclipped

@@ -185,6 +185,14 @@ def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU-like device (CUDA/ROCm, XPU, MPS …)."""
+    probe_api = getattr(torch, "accelerator", None)
+    if probe_api is not None and hasattr(probe_api, "is_available"):
+        return bool(probe_api.is_available())
+    return torch.cuda.is_available()
+
+
 def mixed_precision(cfg: TrainConfig) -> str:
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
@@ -270,7 +278,10 @@ def run_training(
     if (cfg.checkpoint_every or cfg.resume or cfg.keep_best) and out is None:
         raise ValueError("checkpoints, resume and keep_best need an output directory (out_dir / --out)")
 
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), gradient_accumulation_steps=1)
+    # cpu=True on a machine without an accelerator makes `torchrun`/`accelerate launch` on CPU run multi-process
+    # (gloo); without it accelerate ignores the launcher's WORLD_SIZE there and every process trains alone.
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), gradient_accumulation_steps=1,
+                              cpu=not has_accelerator())
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
         raise ValueError("with DeepSpeed set gradient accumulation in the DeepSpeed config and grad_accum=1")
     main = accelerator.is_main_process
