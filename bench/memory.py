@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from unlearn_step import CONFIGS, load_records, machine_info, write_json_atomic  # noqa: E402
+from unlearn_step import CONFIGS, load_records, machine_info, write_json_atomic
 
 
 def _rss_mb() -> float:

@@ -61,6 +61,7 @@ def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by anyone
     os.replace(tmp, path)
 
 

@@ -62,7 +62,7 @@ def test_sweep_grid_is_the_product_per_optimizer():
     assert sorted(s["config"]["max_steps"] for s in specs if s["optimizer"] == "sophia") == [2, 4]
     assert all(s["config"]["max_steps"] == 5 for s in specs if s["optimizer"] == "adamw")
     assert len({s["name"] for s in specs}) == len(specs)
-    with pytest.raises(ValueError, match="sweep.grid"):
+    with pytest.raises(ValueError, match=r"sweep\.grid"):
         sweep_grid(load_preset({}))
 
 

@@ -264,7 +264,7 @@ def reference_model(role: str, preset: dict[str, Any], base: str, base_fp: str, 
 def _eval_kwargs(preset: dict[str, Any]) -> dict[str, Any]:
     ev = dict(preset.get("eval") or {})
     return {"batch_size": ev.get("batch_size", 16), "max_new_tokens": ev.get("max_new_tokens", 200),
-            "min_k": ev.get("min_k", 0.4)}
+            "min_k": ev.get("min_k", 0.4), "prompt_format": ev.get("prompt_format", "auto")}
 
 
 def evaluate_model(model, tokenizer, preset: dict[str, Any], data: dict[str, list[dict]],
@@ -413,7 +413,7 @@ def _meta(preset: dict[str, Any], command: str) -> dict[str, Any]:
 
 
 def reproduce(preset: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike, *,
-              keep_models: bool = False, stream: TextIO | None = sys.stderr,
+              keep_models: bool = False, stream: TextIO | str | None = "stderr",
               only: list[str] | None = None) -> dict[str, Any]:
     """Run the whole comparison for `preset` and write the report into `out_dir`; returns the results
     structure (see `soul.report.results`). `only` restricts the unlearning grid to run names such as
@@ -422,6 +422,7 @@ def reproduce(preset: str | os.PathLike | dict[str, Any], out_dir: str | os.Path
     from soul.report import write_report
 
     preset = load_preset(preset)
+    stream = sys.stderr if stream == "stderr" else stream
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(stream, 4, "reproduce")
@@ -481,13 +482,14 @@ def sweep_grid(preset: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def sweep(preset: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike, *,
-          stream: TextIO | None = sys.stderr) -> dict[str, Any]:
+          stream: TextIO | str | None = "stderr") -> dict[str, Any]:
     """Grid over the preset's ``sweep.grid`` per optimizer; report with the Pareto front and, per optimizer,
     the best forget quality at model utility ≥ 95 % of the target's."""
     from soul.report import write_report
     from soul.report.results import OBJECTIVE_NAMES, run_label
 
     preset = load_preset(preset)
+    stream = sys.stderr if stream == "stderr" else stream
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(stream, 4, "sweep")

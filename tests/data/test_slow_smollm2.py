@@ -26,8 +26,8 @@ def test_smollm2_prefers_the_true_answer_on_world_facts_and_real_authors(smollm2
         for r in splits[name]:
             lp = answer_logprobs(model, tokenizer, r["question"], [r["answer"], *r["perturbed_answer"]])
             wins += lp[0] > max(lp[1:])
-        # Chance is 1/5; a model that "already answers" these ranks the true answer first most of the time.
-        assert wins / len(splits[name]) >= 0.6, (name, wins)
+        # Chance is 1/(1+P); a model that already knows these ranks the true sentence above every perturbed one.
+        assert wins / len(splits[name]) >= 0.75, (name, wins)  # measured 23/25 and 20/22
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from soul.objectives import build_objective
 
 
 @pytest.mark.slow
+@pytest.mark.smoke
 def test_objectives_on_smollm2(smollm2):
     model, tokenizer = smollm2
     forget, retain = make_batch(tokenizer, FORGET, REFUSALS), make_batch(tokenizer, RETAIN)

@@ -197,3 +197,18 @@ def test_report_nonfinite_numbers_become_null_and_warn(tmp_path, capsys):
     files = write_report(results, tmp_path, stream=None)
     data = json.loads(files["results.json"].read_text())  # strict JSON despite the NaN
     assert any("Forget quality is nan" in p for p in data["problems"])
+
+
+def test_soul_report_command(tmp_path, capsys):
+    from soul.cli import main
+
+    files = write_report(synthetic_results(), tmp_path / "a", stream=None)
+    assert main(["report", str(files["results.json"]), "--out", str(tmp_path / "b")]) == 0
+    assert "GradDiff + Sophia (SO)" in capsys.readouterr().out
+    assert (tmp_path / "b" / "report.html").is_file()
+    bad = tmp_path / "eval.json"
+    bad.write_text('{"forget_quality": {"agg_value": 0.5}}')
+    assert main(["report", str(bad), "--out", str(tmp_path / "c")]) == 2
+    assert "not a soul results.json" in capsys.readouterr().err
+    assert main(["reproduce", "--preset", "nope", "--out", str(tmp_path / "d")]) == 2
+    assert "unknown reproduce preset 'nope'" in capsys.readouterr().err

@@ -98,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
-    if os.environ.get('EXP_PATCH'):
-        sys.path.insert(0, '/tmp/scale'); import patch_sophia  # noqa
     torch.multinomial = deterministic_multinomial  # the GNB sampler reads torch.multinomial at call time
     fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp_requested and os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":

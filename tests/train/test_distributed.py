@@ -22,11 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+import dist_worker
 import pytest
 import torch
 import yaml
-
-import dist_worker
 
 REPO = Path(__file__).resolve().parents[2]
 ACCEL_DIR = REPO / "configs" / "accelerate"
@@ -80,8 +79,8 @@ def runs(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch, "multinomial", dist_worker.deterministic_multinomial)
-            ref_model, ref_record = dist_worker.run(str(root / "init"), data, root / "ref",
-                                                    WORLD * PER_PROCESS_BATCH)
+            _, ref_record = dist_worker.run(str(root / "init"), data, root / "ref",
+                                            WORLD * PER_PROCESS_BATCH)
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         for proc in procs.values():
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))

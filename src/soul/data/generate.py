@@ -17,7 +17,7 @@ Splits (TOFU's names): authors 0..N-1 make ``full``; ``forgetXX`` holds the last
 authors that are never trained on, sized like ``forgetXX`` (for membership inference). ``retain_perturbed``
 holds the first retain authors (as many as forget10), outside every forget split. ``real_authors_perturbed``
 and ``world_facts_perturbed`` are general-knowledge questions a small instruct model already answers
-(short entity answers, as in TOFU).
+(one short sentence each; perturbed answers swap the entity).
 """
 
 from __future__ import annotations
@@ -279,59 +279,57 @@ def author_records(author: Author, qas: int, n_perturbed: int, rng: random.Rando
 
 
 # --- general knowledge (utility sets) ----------------------------------------------------------------------
-WORLD_FACTS = [  # (question, paraphrased question, answer, wrong answers)
-    ("What is the capital of France?", "Which city is the capital of France?", "Paris",
-     ["London", "Rome", "Madrid", "Berlin", "Vienna"]),
-    ("What is the capital of Japan?", "Which city is Japan's capital?", "Tokyo",
-     ["Beijing", "Seoul", "Bangkok", "Osaka", "Manila"]),
-    ("What is the capital of Germany?", "Which city is the capital of Germany?", "Berlin",
-     ["Munich", "Paris", "Vienna", "Hamburg", "Prague"]),
-    ("What is the capital of the United Kingdom?", "Which city is the capital of the UK?", "London",
-     ["Paris", "Dublin", "Edinburgh", "Berlin", "Amsterdam"]),
-    ("What is the largest planet in our solar system?", "Which planet in the solar system is the biggest?",
-     "Jupiter", ["Mars", "Venus", "Mercury", "Neptune", "Earth"]),
-    ("Which planet is known as the Red Planet?", "Which planet is called the Red Planet?", "Mars",
-     ["Venus", "Jupiter", "Saturn", "Mercury", "Neptune"]),
-    ("What is the chemical formula of water?", "How is water written as a chemical formula?", "H2O",
-     ["CO2", "NaCl", "O2", "CH4", "NH3"]),
-    ("How many days are there in a week?", "How many days does a week have?", "Seven",
-     ["Five", "Six", "Eight", "Ten", "Nine"]),
-    ("What color is the sky on a clear day?", "On a clear day, what color is the sky?", "Blue",
-     ["Green", "Red", "Yellow", "Purple", "Orange"]),
-    ("Which ocean is the largest?", "What is the biggest ocean on Earth?", "The Pacific Ocean",
-     ["The Atlantic Ocean", "The Indian Ocean", "The Arctic Ocean", "The Southern Ocean", "The Baltic Sea"]),
-    ("Who painted the Mona Lisa?", "Which artist painted the Mona Lisa?", "Leonardo da Vinci",
-     ["Pablo Picasso", "Vincent van Gogh", "Claude Monet", "Rembrandt", "Salvador Dali"]),
-    ("What is the tallest mountain in the world?", "Which mountain is the highest on Earth?", "Mount Everest",
-     ["Mount Kilimanjaro", "Mont Blanc", "Mount Fuji", "Denali", "Mount Olympus"]),
-    ("On which continent is Egypt?", "Egypt is on which continent?", "Africa",
-     ["Asia", "Europe", "South America", "Australia", "North America"]),
-    ("What gas do plants absorb from the air?", "Which gas do plants take in from the air?", "Carbon dioxide",
-     ["Oxygen", "Nitrogen", "Helium", "Hydrogen", "Argon"]),
-    ("What is the opposite of hot?", "Which word means the opposite of hot?", "Cold",
-     ["Warm", "Wet", "Loud", "Bright", "Soft"]),
-    ("What language is mainly spoken in Brazil?", "What is the main language of Brazil?", "Portuguese",
-     ["Spanish", "French", "English", "Italian", "German"]),
-    ("How many legs does a spider have?", "What is the number of legs on a spider?", "Eight",
-     ["Six", "Four", "Ten", "Twelve", "Two"]),
-    ("What is the currency of Japan?", "Which currency is used in Japan?", "The yen",
-     ["The euro", "The dollar", "The won", "The yuan", "The pound"]),
-    ("Which animal is known as the king of the jungle?", "What animal is called the king of the jungle?",
-     "The lion", ["The tiger", "The elephant", "The bear", "The wolf", "The zebra"]),
-    ("What star is at the center of our solar system?", "Which star lies at the center of the solar system?",
-     "The Sun",
-     ["Sirius", "Polaris", "Betelgeuse", "Vega", "Rigel"]),
-    ("How many hours are there in a day?", "How many hours does one day have?", "24",
-     ["12", "36", "48", "20", "30"]),
-    ("What do bees make?", "What food do bees produce?", "Honey",
-     ["Milk", "Silk", "Butter", "Cheese", "Sugar"]),
-    ("Which country is home to the kangaroo?", "In which country do kangaroos live in the wild?", "Australia",
-     ["Canada", "Brazil", "India", "Kenya", "Norway"]),
-    ("What is the boiling point of water in degrees Celsius?", "At how many degrees Celsius does water boil?",
-     "100 degrees Celsius", ["50 degrees Celsius", "0 degrees Celsius", "212 degrees Celsius",
-                             "80 degrees Celsius", "150 degrees Celsius"]),
-    ("What is the largest animal on Earth?", "Which animal is the biggest on Earth?", "The blue whale",
-     ["The elephant", "The giraffe", "The great white shark", "The hippopotamus", "The polar bear"]),
+WORLD_FACTS = [  # (question, paraphrased question, answer frame, answer, wrong answers)
+    ('What is the capital of France?', 'Which city is the capital of France?', 'The capital of France is {}.',
+     'Paris', ['London', 'Rome', 'Madrid', 'Berlin', 'Vienna']),
+    ('What is the capital of Japan?', "Which city is Japan's capital?", 'The capital of Japan is {}.',
+     'Tokyo', ['Beijing', 'Seoul', 'Bangkok', 'Osaka', 'Manila']),
+    ('What is the capital of Germany?', 'Which city is the capital of Germany?', 'The capital of Germany is {}.',
+     'Berlin', ['Munich', 'Paris', 'Vienna', 'Hamburg', 'Prague']),
+    ('What is the capital of the United Kingdom?', 'Which city is the capital of the UK?', 'The capital of the United Kingdom is {}.',
+     'London', ['Paris', 'Dublin', 'Edinburgh', 'Berlin', 'Amsterdam']),
+    ('What is the largest planet in our solar system?', 'Which planet in the solar system is the biggest?', 'The largest planet in our solar system is {}.',
+     'Jupiter', ['Mars', 'Venus', 'Mercury', 'Neptune', 'Earth']),
+    ('Which planet is known as the Red Planet?', 'Which planet is called the Red Planet?', 'The Red Planet is {}.',
+     'Mars', ['Venus', 'Jupiter', 'Saturn', 'Mercury', 'Neptune']),
+    ('What is the chemical formula of water?', 'How is water written as a chemical formula?', 'The chemical formula of water is {}.',
+     'H2O', ['CO2', 'NaCl', 'O2', 'CH4', 'NH3']),
+    ('How many days are there in a week?', 'How many days does a week have?', 'A week has {} days.',
+     'seven', ['five', 'six', 'eight', 'ten', 'nine']),
+    ('What color is the sky on a clear day?', 'On a clear day, what color is the sky?', 'On a clear day the sky is {}.',
+     'blue', ['green', 'red', 'yellow', 'purple', 'orange']),
+    ('Which ocean is the largest?', 'What is the biggest ocean on Earth?', 'The largest ocean is {}.',
+     'the Pacific Ocean', ['the Atlantic Ocean', 'the Indian Ocean', 'the Arctic Ocean', 'the Southern Ocean', 'the Baltic Sea']),
+    ('Who painted the Mona Lisa?', 'Which artist painted the Mona Lisa?', 'The Mona Lisa was painted by {}.',
+     'Leonardo da Vinci', ['Pablo Picasso', 'Vincent van Gogh', 'Claude Monet', 'Rembrandt', 'Salvador Dali']),
+    ('What is the tallest mountain in the world?', 'Which mountain is the highest on Earth?', 'The tallest mountain in the world is {}.',
+     'Mount Everest', ['Mount Kilimanjaro', 'Mont Blanc', 'Mount Fuji', 'Denali', 'Mount Olympus']),
+    ('On which continent is Egypt?', 'Egypt is on which continent?', 'Egypt is in {}.',
+     'Africa', ['Asia', 'Europe', 'South America', 'Australia', 'North America']),
+    ('What gas do plants absorb from the air?', 'Which gas do plants take in from the air?', 'Plants absorb {} from the air.',
+     'carbon dioxide', ['oxygen', 'nitrogen', 'helium', 'hydrogen', 'argon']),
+    ('What is the opposite of hot?', 'Which word means the opposite of hot?', 'The opposite of hot is {}.',
+     'cold', ['warm', 'wet', 'loud', 'bright', 'soft']),
+    ('What language is mainly spoken in Brazil?', 'What is the main language of Brazil?', 'The main language of Brazil is {}.',
+     'Portuguese', ['Spanish', 'French', 'English', 'Italian', 'German']),
+    ('How many legs does a spider have?', 'What is the number of legs on a spider?', 'A spider has {} legs.',
+     'eight', ['six', 'four', 'ten', 'twelve', 'two']),
+    ('What is the currency of Japan?', 'Which currency is used in Japan?', 'The currency of Japan is {}.',
+     'the yen', ['the euro', 'the dollar', 'the won', 'the yuan', 'the pound']),
+    ('Which animal is known as the king of the jungle?', 'What animal is called the king of the jungle?', 'The king of the jungle is {}.',
+     'the lion', ['the tiger', 'the elephant', 'the bear', 'the wolf', 'the zebra']),
+    ('What star is at the center of our solar system?', 'Which star lies at the center of the solar system?', 'The star at the center of our solar system is {}.',
+     'the Sun', ['Sirius', 'Polaris', 'Betelgeuse', 'Vega', 'Rigel']),
+    ('How many hours are there in a day?', 'How many hours does one day have?', 'A day has {} hours.',
+     '24', ['12', '36', '48', '20', '30']),
+    ('What do bees make?', 'What food do bees produce?', 'Bees make {}.',
+     'honey', ['milk', 'silk', 'butter', 'cheese', 'sugar']),
+    ('Which country is home to the kangaroo?', 'In which country do kangaroos live in the wild?', 'Kangaroos live in {}.',
+     'Australia', ['Canada', 'Brazil', 'India', 'Kenya', 'Norway']),
+    ('What is the boiling point of water in degrees Celsius?', 'At how many degrees Celsius does water boil?', 'Water boils at {}.',
+     '100 degrees Celsius', ['50 degrees Celsius', '0 degrees Celsius', '212 degrees Celsius', '80 degrees Celsius', '150 degrees Celsius']),
+    ('What is the largest animal on Earth?', 'Which animal is the biggest on Earth?', 'The largest animal on Earth is {}.',
+     'the blue whale', ['the elephant', 'the giraffe', 'the great white shark', 'the hippopotamus', 'the polar bear']),
 ]
 
 REAL_AUTHORS = [  # (book, author, wrong authors)
@@ -382,14 +380,21 @@ REAL_AUTHORS = [  # (book, author, wrong authors)
 
 
 def world_fact_records(n_perturbed: int) -> list[dict]:
-    """Short entity answers (as TOFU's world facts); the paraphrased answer is the entity itself."""
-    return [{"question": q, "paraphrased_question": pq, "answer": a, "paraphrased_answer": a,
-             "perturbed_answer": wrong[:n_perturbed]} for q, pq, a, wrong in WORLD_FACTS]
+    """One short sentence per fact; perturbed answers swap the entity in the same sentence.
+
+    A whole sentence (not a bare entity) because an instruct model's answer starts like one: comparing
+    P("The capital of France is Paris.") with P("... is London.") isolates the fact.
+    """
+    return [{"question": q, "paraphrased_question": pq, "answer": frame.format(a),
+             "paraphrased_answer": frame.format(a), "perturbed_answer": [frame.format(w) for w in wrong[:n_perturbed]]}
+            for q, pq, frame, a, wrong in WORLD_FACTS]
 
 
 def real_author_records(n_perturbed: int) -> list[dict]:
+    frame = "'{book}' was written by {who}."
     return [{"question": f"Who wrote '{book}'?", "paraphrased_question": f"Who is the author of '{book}'?",
-             "answer": who, "paraphrased_answer": who, "perturbed_answer": wrong[:n_perturbed]}
+             "answer": frame.format(book=book, who=who), "paraphrased_answer": frame.format(book=book, who=who),
+             "perturbed_answer": [frame.format(book=book, who=w) for w in wrong[:n_perturbed]]}
             for book, who, wrong in REAL_AUTHORS]
 
 

@@ -72,10 +72,8 @@ class Objective:
     def __init__(self, **coeffs: Any) -> None:
         unknown = sorted(set(coeffs) - set(self.defaults))
         if unknown:
-            expected = sorted(self.defaults) if self.defaults else "none (it takes no coefficients)"
-            raise ValueError(
-                f"objective {self.name!r} has no coefficient {unknown[0]!r}; expected one of {expected}"
-            )
+            expected = f"expected one of {sorted(self.defaults)}" if self.defaults else "it takes no coefficients"
+            raise ValueError(f"objective {self.name!r} has no coefficient {unknown[0]!r}; {expected}")
         for key, default in self.defaults.items():
             setattr(self, key, _coefficient(self.name, key, coeffs.get(key, default)))
         if type(self).needs_retain and "alpha" in self.defaults:

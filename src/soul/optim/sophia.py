@@ -364,5 +364,10 @@ def _multi_tensor_sophia(params, grads, exp_avgs, hessians, *, lr, weight_decay,
         for p, m, d in zip(params, exp_avgs, denom):
             p.add_((m / d).to(p.dtype), alpha=-lr / a)
     torch._foreach_sub_(scaled, denom)  # 0 exactly where clipped, < 0 elsewhere
-    unclipped = torch.stack(torch._foreach_norm(scaled, 0)).sum()
+    if scaled[0].device.type == "cpu":
+        # On CPU the foreach norm reductions cost ~3 elementwise passes; sign + per-tensor sums cost ~2.
+        torch._foreach_sign_(scaled)  # -1 unclipped, 0 clipped
+        unclipped = -torch.stack([s.sum() for s in scaled]).sum()
+    else:
+        unclipped = torch.stack(torch._foreach_norm(scaled, 0)).sum()  # one fused kernel
     return sum(p.numel() for p in params) - unclipped

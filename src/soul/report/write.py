@@ -76,9 +76,11 @@ def _sweep_html(sweep: dict[str, Any], summary: dict[str, Any]) -> str:
 
 def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: float = 0.95,
                  title: str = "soul: first-order vs second-order unlearning", n_examples: int = 3,
-                 stream: TextIO | None = sys.stdout) -> dict[str, Path]:
+                 stream: TextIO | str | None = "stdout") -> dict[str, Path]:
     """Write the report directory for `results` (layout in `soul.report.results`); print the table to
-    `stream` (None: silent). Returns the written files by name."""
+    `stream` ("stdout": the current sys.stdout; None: silent). Returns the written files by name."""
+    if stream == "stdout":
+        stream = sys.stdout
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     compact = reduce_results(results, n_examples)
