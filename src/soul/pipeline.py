@@ -39,7 +39,7 @@ CACHE_VERSION = 1  # bump when the meaning of a cached model or result changes
 TASKS = ("tofu",)
 PRESET_KEYS = {"name", "description", "task", "model", "dtype", "device", "data", "forget_split", "retain_split",
                "holdout_split", "utility_splits", "max_questions", "target", "retain", "unlearn", "influence",
-               "eval", "sweep", "seed", "progress_bars"}
+               "eval", "sweep", "seed", "progress_bars", "prompt_format"}
 DEFAULT_UTILITY_SPLITS = ["retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"]
 
 
@@ -244,6 +244,7 @@ def reference_model(role: str, preset: dict[str, Any], base: str, base_fp: str, 
     if role == "retain":
         ft_cfg.update(spec.get("finetune") or {})
     ft_cfg.setdefault("seed", preset.get("seed", 0))
+    ft_cfg.setdefault("prompt_format", preset.get("prompt_format", "auto"))
     key = _sha({"v": CACHE_VERSION, "base": base_fp, "data": hash_records(data[split]), "config": ft_cfg,
                 "dtype": preset.get("dtype")})
     out = cache_dir() / "finetuned" / f"{role}-{key[:20]}"
@@ -264,7 +265,8 @@ def reference_model(role: str, preset: dict[str, Any], base: str, base_fp: str, 
 def _eval_kwargs(preset: dict[str, Any]) -> dict[str, Any]:
     ev = dict(preset.get("eval") or {})
     return {"batch_size": ev.get("batch_size", 16), "max_new_tokens": ev.get("max_new_tokens", 200),
-            "min_k": ev.get("min_k", 0.4), "prompt_format": ev.get("prompt_format", "auto")}
+            "min_k": ev.get("min_k", 0.4),
+            "prompt_format": ev.get("prompt_format", preset.get("prompt_format", "auto"))}
 
 
 def evaluate_model(model, tokenizer, preset: dict[str, Any], data: dict[str, list[dict]],
@@ -325,6 +327,8 @@ def unlearn_configs(preset: dict[str, Any]) -> list[dict[str, Any]]:
         for opt, opt_cfg in optimizers.items():
             cfg = {**common, **(obj_cfg or {}), **(opt_cfg or {}), **(overrides.get(f"{obj}/{opt}") or {})}
             cfg.setdefault("seed", preset.get("seed", 0))
+            # The model must see the prompt format it was fine-tuned with, in every stage.
+            cfg.setdefault("prompt_format", preset.get("prompt_format", "auto"))
             runs.append({"name": f"{obj}-{opt}", "objective": obj, "optimizer": opt, "config": cfg})
     return runs
 
@@ -366,7 +370,7 @@ def run_influence(target_path: str, preset: dict[str, Any], data: dict[str, list
     collate = QACollator(tokenizer)
 
     def batches(records: list[dict], limit: int | None) -> list[dict]:
-        ds = QADataset(records, tokenizer)
+        ds = QADataset(records, tokenizer, prompt_format=preset.get("prompt_format", "auto"))
         out = [collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))]) for i in range(0, len(ds), batch_size)]
         out = out[:limit] if limit else out
         return [{k: v.to(model.device) if hasattr(v, "to") else v for k, v in b.items()} for b in out]
@@ -476,6 +480,7 @@ def sweep_grid(preset: dict[str, Any]) -> list[dict[str, Any]]:
             tag = "-".join(f"{k}{v}" for k, v in point.items())
             cfg = {**opt_base, **point}
             cfg.setdefault("seed", preset.get("seed", 0))
+            cfg.setdefault("prompt_format", preset.get("prompt_format", "auto"))
             specs.append({"name": f"sweep-{objective}-{opt}-{tag}", "objective": objective, "optimizer": opt,
                           "config": cfg, "point": point})
     return specs

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from objectives_helpers import logits, seq_logprob, sharp_model
+from .objectives_helpers import logits, seq_logprob, sharp_model
 
 from soul.objectives import build_objective
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from objectives_helpers import FORGET, REFUSALS, make_batch, sharp_model
+from .objectives_helpers import FORGET, REFUSALS, make_batch, sharp_model
 
 from soul.objectives import OBJECTIVES, Objective, ObjectiveOutput, build_objective
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch, sharp_model
+from .objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch, sharp_model
 
 from soul.objectives import OBJECTIVES, build_objective
 

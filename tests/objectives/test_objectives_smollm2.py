@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch
+from .objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch
 
 from soul.objectives import build_objective
 

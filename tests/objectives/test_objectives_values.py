@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from objectives_helpers import kl, log_sigmoid, logits, nll, seq_logprob, sharp_model
+from .objectives_helpers import kl, log_sigmoid, logits, nll, seq_logprob, sharp_model
 
 from soul.objectives import OBJECTIVES, build_objective
 
@@ -110,7 +110,7 @@ def test_reference_gets_no_gradient(batches):
 def test_batch_loss_is_the_mean_of_per_example_losses(tokenizer):
     """Per-sequence reduction, then a mean over sequences: a 2-row batch (padded to the longer row) gives the
     mean of the two rows scored alone (no padding) — for every objective."""
-    from objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch
+    from .objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch
 
     model, ref = sharp_model("llama", seed=0), sharp_model("llama", seed=1)
     both_f, both_r = make_batch(tokenizer, FORGET, REFUSALS), make_batch(tokenizer, RETAIN)

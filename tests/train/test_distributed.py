@@ -22,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import dist_worker
 import pytest
 import torch
 import yaml
+
+from . import dist_worker
 
 REPO = Path(__file__).resolve().parents[2]
 ACCEL_DIR = REPO / "configs" / "accelerate"
