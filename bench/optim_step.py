@@ -3,11 +3,11 @@
 The parameters are those of ``LlamaForCausalLM`` built from the config of
 ``soul.models.resolve_model_path("smollm2-135m")`` (random init: only shapes matter), with fixed random
 gradients. Both optimizers update the same parameters and their steps are *interleaved* (AdamW, Sophia,
-AdamW, ...) so that load from other processes on a shared machine hits both alike; the median of N timed
+Sophia, AdamW, ...) so that load from other processes on a shared machine hits both alike; the median of N timed
 steps after a warm-up is reported. Sophia's Hessian refresh (``update_hessian``, every k steps) is timed
 separately and reported amortised over k. Writes JSON atomically to ``--out``.
 
-    .venv/bin/python bench/optim_step.py --steps 20 --warmup 3
+    .venv/bin/python bench/optim_step.py --steps 20 --warmup 3 --threads 1
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transformers import AutoConfig, LlamaForCausalLM
 
 from soul.models import resolve_model_path
 from soul.optim import SophiaG
+from soul.optim import sophia as sophia_module
 
 
 def _sync(device: torch.device) -> None:
@@ -69,11 +70,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cpu-bucket-numel", type=int, default=None,
+                        help="override soul.optim.sophia.CPU_BUCKET_NUMEL; 0 = no buckets (one foreach call per op)")
     parser.add_argument("--out", default="bench/results/optim_step.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.cpu_bucket_numel is not None:
+        sophia_module.CPU_BUCKET_NUMEL = args.cpu_bucket_numel or None
 
     config = AutoConfig.from_pretrained(resolve_model_path(args.model))
     torch.manual_seed(0)
@@ -88,8 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     sophia = SophiaG(params, lr=1e-5, weight_decay=0.1, hessian_interval=10, foreach=True)
     refresh_times = [_timed(lambda: sophia.update_hessian(scale=4096.0), device) for _ in range(3)]
     times: dict[str, list[float]] = {"adamw": [], "sophia": []}
+    pair = (("adamw", adamw), ("sophia", sophia))
     for i in range(args.warmup + args.steps):
-        for name, opt in (("adamw", adamw), ("sophia", sophia)):
+        # alternate which optimizer goes first, so neither always runs right after the other's allocations
+        for name, opt in pair if i % 2 == 0 else pair[::-1]:
             elapsed = _timed(opt.step, device)
             if i >= args.warmup:
                 times[name].append(elapsed)
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "host": platform.node(),
+        "sophia_cpu_bucket_numel": sophia_module.CPU_BUCKET_NUMEL,
         "steps": args.steps,
         "warmup": args.warmup,
         "adamw_step_s": median["adamw"],
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sophia_state_bytes": bytes_s,
         "moment_bytes_equal": bytes_s["exp_avg"] + bytes_s["hessian"] == bytes_a["exp_avg"] + bytes_a["exp_avg_sq"],
         "sophia_last_stats": stats,
-        "note": "interleaved steps, median; the machine may be shared with other processes",
+        "note": "interleaved steps (order alternating), median; the machine may be shared with other processes",
     }
     _write_atomic(Path(args.out), result)
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_all")}, indent=2))

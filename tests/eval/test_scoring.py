@@ -12,7 +12,10 @@ from soul.eval.scoring import (
     generate_reference,
     length_buckets,
     score_batched,
+    score_plain,
+    score_prefix_shared,
     score_reference,
+    supports_prefix_sharing,
 )
 from soul.losses import sequence_logprob
 from soul.testing import tiny_model
@@ -103,3 +106,87 @@ def test_generation_is_greedy_without_cache_oracle(records):
             ids.append(nxt)
     expected = tok.decode(ids[len(p):], skip_special_tokens=True).strip()
     assert generate_batched(model, tok, [p, prompt_ids(tok, "hi")], max_new_tokens=10)[0] == expected
+
+
+def test_prefix_sharing_equals_plain_path_and_runs_each_prompt_once(records):
+    model, tok = tiny_model("llama")
+    # prompts of different lengths (the shared prefixes are right-padded in their bucket), 5 answers each,
+    # plus one sequence whose first answer token is at index 1 (empty prefix: scored whole)
+    recs = [dict(r, question=r["question"] + " more" * i) for i, r in enumerate(records)]
+    feats = [*features(tok, recs), {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    shared = score_prefix_shared(model, feats, tok.pad_token_id, batch_size=4)
+    hook.remove()
+    plain = score_plain(model, feats, tok.pad_token_id, batch_size=4)
+    for a, b in zip(shared, plain):
+        assert a.n == b.n and a.hit == b.hit
+        for field in ("logp", "mu", "sigma"):
+            assert getattr(a, field) == pytest.approx(getattr(b, field), abs=1e-4)
+    # work done: every distinct prompt once (minus its last token) + each answer with that last token
+    prompt_len = [len(prompt_ids(tok, r["question"])) for r in recs]
+    real_tokens = sum(n - 1 for n in prompt_len) + 3  # prefixes once each, the empty-prefix sequence whole
+    real_tokens += sum(len(f["input_ids"]) - prompt_len[k // 5] + 1 for k, f in enumerate(feats[:-1]))
+    computed = sum(rows * cols for rows, cols in calls)  # padded tokens actually run through the model
+    assert real_tokens <= computed < sum(len(f["input_ids"]) for f in feats)  # fewer than whole sequences
+    assert computed - real_tokens < 0.3 * real_tokens  # length buckets keep the padding small
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_prefix_sharing_equals_plain_path_other_families(family, records):
+    model, tok = tiny_model(family)
+    assert supports_prefix_sharing(model)
+    recs = [dict(r, question=r["question"] + " x" * (2 * i)) for i, r in enumerate(records)]
+    feats = features(tok, recs)
+    for a, b in zip(score_batched(model, feats, tok.pad_token_id, batch_size=3),
+                    score_batched(model, feats, tok.pad_token_id, batch_size=3, share_prefix=False)):
+        assert a.hit == b.hit
+        assert a.logp == pytest.approx(b.logp, abs=1e-4) and a.sigma == pytest.approx(b.sigma, abs=1e-4)
+
+
+def test_models_without_a_cache_use_the_plain_path(records):
+    class NoCache(torch.nn.Module):  # forward(input_ids, attention_mask) only: nothing to share
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    model, tok = tiny_model("llama")
+    wrapped = NoCache(model)
+    assert not supports_prefix_sharing(wrapped)
+    feats = features(tok, records)
+    got = score_batched(wrapped, feats, tok.pad_token_id, batch_size=4)
+    assert [s.logp for s in got] == [s.logp for s in score_plain(model, feats, tok.pad_token_id, batch_size=4)]
+
+
+class _EosAs:
+    """The tiny tokenizer with another token playing EOS (so that rows finish at different steps)."""
+
+    def __init__(self, tok, eos: int) -> None:
+        self.tok, self.eos_token_id, self.pad_token_id = tok, eos, tok.pad_token_id
+
+    def decode(self, ids, **kw):
+        return self.tok.decode(ids, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_greedy_loop_drops_finished_rows_without_changing_the_others(family, records):
+    model, tok = tiny_model(family)
+    # Larger weights than the default init, so greedy continuations are not one token repeated.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    prompts = [prompt_ids(tok, r["question"] + " extra" * i) for i, r in enumerate(records)]
+    # EOS := the 2nd greedy token of prompt 0, so that row stops after 2 steps while others go on
+    ids = list(prompts[0])
+    with torch.no_grad():
+        for _ in range(2):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    tok2 = _EosAs(tok, ids[-1])
+    fast = generate_batched(model, tok2, prompts, max_new_tokens=8, batch_size=6)
+    assert fast == generate_reference(model, tok2, prompts, max_new_tokens=8)
+    assert len({len(tok.encode(x, add_special_tokens=False)) for x in fast}) > 1  # rows ended at different steps

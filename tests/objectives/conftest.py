@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from .objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch, sharp_model
 
 

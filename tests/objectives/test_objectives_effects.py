@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from .objectives_helpers import logits, seq_logprob, sharp_model
 
 from soul.objectives import build_objective
+
+from .objectives_helpers import logits, seq_logprob, sharp_model
 
 LR = 1e-2
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .objectives_helpers import FORGET, REFUSALS, make_batch, sharp_model
 
 from soul.objectives import OBJECTIVES, Objective, ObjectiveOutput, build_objective
+
+from .objectives_helpers import FORGET, REFUSALS, make_batch, sharp_model
 
 FLAGS = {  # name: (needs_retain, needs_reference, needs_refusal) at default coefficients
     "ga": (False, False, False),

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from .objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch, sharp_model
 
 from soul.objectives import OBJECTIVES, build_objective
+
+from .objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch, sharp_model
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

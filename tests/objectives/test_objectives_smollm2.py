@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from .objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch
 
 from soul.objectives import build_objective
+
+from .objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch
 
 
 @pytest.mark.slow

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from .objectives_helpers import kl, log_sigmoid, logits, nll, seq_logprob, sharp_model
 
 from soul.objectives import OBJECTIVES, build_objective
+
+from .objectives_helpers import kl, log_sigmoid, logits, nll, seq_logprob, sharp_model
 
 # Non-default coefficients, so a coefficient that is ignored or misplaced shows up in the value.
 COEFFS = {

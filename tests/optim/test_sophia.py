@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from soul.optim import SophiaG
+from soul.optim import sophia as sophia_module
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -41,6 +42,28 @@ def test_foreach_and_per_tensor_paths_agree_after_20_steps(seed):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
     # and the run actually moved the parameters
     assert any((x - p).abs().max() > 1e-2 for x, p in zip(a, _params(seed)))
+
+
+@pytest.mark.parametrize("cap", [1, 6, 10])
+def test_cpu_buckets_and_flat_pieces_give_the_same_update(monkeypatch, cap):
+    """Buckets of `cap` elements (tensors cut into flat views, a non-contiguous one kept whole) change nothing."""
+    reference = _run(False, seed=3)
+    monkeypatch.setattr(sophia_module, "CPU_BUCKET_NUMEL", cap)
+    calls = []
+    original = sophia_module._buckets
+    monkeypatch.setattr(sophia_module, "_buckets", lambda lists, c: calls.append(c) or original(lists, c))
+    for x, y in zip(_run(True, seed=3), reference):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    assert calls and set(calls) == {cap}
+    # the split itself: every element lands in exactly one piece, pieces are views, no bucket exceeds cap
+    a, b = torch.zeros(7, 5), torch.zeros(5, 7).t()  # b is not contiguous: kept whole
+    buckets = sophia_module._buckets([[a, b], [a.clone(), b.clone()]], cap)
+    assert sum(t.numel() for bucket in buckets for t in bucket[0]) == a.numel() + b.numel()
+    assert all(sum(t.numel() for t in bucket[0]) <= max(cap, b.numel()) for bucket in buckets)
+    for bucket in buckets:
+        for t in bucket[0]:
+            t.add_(1.0)
+    assert torch.equal(a, torch.ones(7, 5)) and torch.equal(b, torch.ones(7, 5))
 
 
 @pytest.mark.parametrize("foreach", [True, False])

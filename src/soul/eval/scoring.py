@@ -11,16 +11,32 @@ Every metric of the evaluation suite is computed from two primitives:
 
 * `generate`: greedy decoding of up to ``max_new_tokens`` tokens after the prompt, cut at the first EOS.
 
-Each exists twice: the fast path (`score_batched`, `generate_batched`: length-bucketed batches under
-``torch.inference_mode()``, right padding for scoring, left padding + KV cache for generation) and the
-reference path (`score_reference`, `generate_reference`: one sequence at a time, no padding), which is the
-correctness oracle for the fast one in tests and the baseline of ``bench/eval_speed.py``.
+Each exists twice: the fast path (`score_batched`, `generate_batched`) and the reference path
+(`score_reference`, `generate_reference`: one sequence at a time, no padding, no sharing, ``model.generate``),
+which is the correctness oracle for the fast one in tests and the baseline of ``bench/eval_speed.py``.
+
+The fast path, all under ``torch.inference_mode()`` in length buckets:
+
+* scoring shares prompts (`score_prefix_shared`): every distinct prompt runs once, right-padded, and its KV
+  cache rows are copied for each of its answers (answer, paraphrase, perturbations), which then run with
+  attention mask = prompt mask ++ answer mask and position ids continuing the unpadded prompt's. On a CPU
+  (compute-bound) this cuts the work from Σ(|prompt| + |answer|) to Σ_distinct |prompt| + Σ(|answer| + 1).
+* generation (`_greedy_shared`) is a greedy loop on a prompt cache built the same way, which drops each row
+  as soon as it emits EOS.
+
+Both need a decoder-only transformers model with a plain full-attention `DynamicCache` (Llama, GPT-2, OPT,
+Mistral without sliding window, Qwen2, …; see `supports_prefix_sharing`). Anything else (sliding-window,
+quantized, static or recurrent caches, plain ``nn.Module`` scorers) falls back to whole sequences in
+right-padded batches (`score_plain`) and ``model.generate`` on left-padded batches (`generate_hf_batched`);
+``implementation="batched_plain"`` selects that fallback explicitly.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -80,8 +96,28 @@ def _stats_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 
 
 def score_batched(model: torch.nn.Module, features: Sequence[Feature], pad_token_id: int, *,
-                  batch_size: int = 16) -> list[TokenStats]:
-    """Token statistics of every feature (``input_ids``/``labels``), in length-bucketed right-padded batches.
+                  batch_size: int = 16, share_prefix: bool = True) -> list[TokenStats]:
+    """Token statistics of every feature (``input_ids``/``labels``), in length-bucketed batches.
+
+    With `share_prefix` (the default) and a model that supports it (see `supports_prefix_sharing`), features
+    with the same unlabelled prefix (the prompt: one question's answer, paraphrase and perturbations) run that
+    prefix through the model once and score every answer against a copy of its KV cache
+    (`score_prefix_shared`); otherwise, or for models without a reusable cache, each whole sequence is run
+    (`score_plain`). Both give the reference's numbers up to float rounding.
+    """
+    for i, f in enumerate(features):
+        _check_feature(i, f)
+    if share_prefix and supports_prefix_sharing(model):
+        try:
+            return score_prefix_shared(model, features, pad_token_id, batch_size=batch_size)
+        except _NoPrefixSharing:
+            pass  # the cache this model returned cannot be sliced/extended safely: score whole sequences
+    return score_plain(model, features, pad_token_id, batch_size=batch_size)
+
+
+def score_plain(model: torch.nn.Module, features: Sequence[Feature], pad_token_id: int, *,
+                batch_size: int = 16) -> list[TokenStats]:
+    """Whole sequences in length-bucketed right-padded batches (no prefix sharing).
 
     Right padding never changes the answer positions' logits (attention is causal and the pads come after),
     and only the answer positions' logits go through the vocabulary softmax.
@@ -94,16 +130,154 @@ def score_batched(model: torch.nn.Module, features: Sequence[Feature], pad_token
         for bucket in length_buckets([len(f["input_ids"]) for f in features], batch_size):
             batch = pad_batch([features[i] for i in bucket], pad_token_id, "right")
             ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            shift_labels = labels[:, 1:]
-            keep = shift_labels != IGNORE_INDEX
-            logp, hit, mu, sigma = (t.cpu().tolist() for t in _stats_from_logits(logits[keep], shift_labels[keep]))
-            start = 0
-            for row, count in zip(bucket, keep.sum(1).tolist()):
-                sl = slice(start, start + count)
-                out[row] = TokenStats(logp[sl], hit[sl], mu[sl], sigma[sl])
-                start += count
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            _collect(out, bucket, logits, labels)
     return out  # type: ignore[return-value]
+
+
+def _collect(out: list, rows: Sequence[int], logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Store the TokenStats of each row of a batch: position t's logits predict label t + 1."""
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    logp, hit, mu, sigma = (t.cpu().tolist() for t in _stats_from_logits(logits[:, :-1][keep], shift_labels[keep]))
+    start = 0
+    for row, count in zip(rows, keep.sum(1).tolist()):
+        sl = slice(start, start + count)
+        out[row] = TokenStats(logp[sl], hit[sl], mu[sl], sigma[sl])
+        start += count
+
+
+class _NoPrefixSharing(Exception):
+    """The model's cache is not a plain `DynamicCache` of full-attention layers; score whole sequences."""
+
+
+def supports_prefix_sharing(model: torch.nn.Module) -> bool:
+    """Whether `model` can score answers against a shared, sliced prompt cache.
+
+    Needs a decoder-only causal LM whose ``forward`` takes a cache (``cache``/``past_key_values``) and
+    ``position_ids``
+    (transformers' Llama, GPT-2, OPT, Mistral, Qwen, … do). The returned cache is checked again at run time
+    (`score_prefix_shared` raises `_NoPrefixSharing` for sliding-window, quantized, static or recurrent-state
+    caches, and `score_batched` then scores whole sequences). Plain ``nn.Module`` scorers (e.g. test doubles
+    without a cache) use the whole-sequence path.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return _cache_kwarg(params) is not None and "position_ids" in params
+
+
+def _cache_kwarg(params) -> str | None:
+    """The name ``forward`` takes the KV cache under: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _split_prefix(f: Feature) -> int:
+    """Length of the shared prefix of `f`: everything before the token that predicts the first label.
+
+    The prefix stops one token short of the first labelled token, so the suffix starts with the token whose
+    logits predict the first answer token and the prefix pass needs no logits at all.
+    """
+    first = next(t for t, label in enumerate(f["labels"]) if label != IGNORE_INDEX)
+    return first - 1
+
+
+def score_prefix_shared(model: torch.nn.Module, features: Sequence[Feature], pad_token_id: int, *,
+                        batch_size: int = 16) -> list[TokenStats]:
+    """Token statistics with each distinct prompt run once and its KV cache reused for all its answers.
+
+    A feature ``x = p ++ s`` is split at ``|p| = first labelled index − 1``. Distinct prefixes are grouped in
+    length buckets of `batch_size`, right-padded and run once (``use_cache``; ``logits_to_keep=1`` where the
+    model has it, since no prefix logits are needed). The suffixes of that bucket (again `batch_size` per
+    forward, by length) then run against the bucket's cache rows, selected per suffix, with
+
+    * attention mask = prefix mask (1 on the prefix's real tokens, 0 on its right pads) ++ suffix mask, and
+    * position ids = |p| + 0, 1, …, |s| − 1 (the positions the suffix tokens have in the unpadded ``x``).
+
+    Attention is causal and masked keys get zero weight, so the suffix logits equal those of ``x`` run whole
+    (up to float rounding: different matrix shapes, different summation order). Features whose prefix is empty
+    (first label at index 1) are scored whole.
+    """
+    for i, f in enumerate(features):
+        _check_feature(i, f)
+    device = _model_device(model)
+    out: list[TokenStats | None] = [None] * len(features)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    whole: list[int] = []
+    for i, f in enumerate(features):
+        cut = _split_prefix(f)
+        if cut < 1:
+            whole.append(i)
+        else:
+            groups.setdefault(tuple(f["input_ids"][:cut]), []).append(i)
+    prefixes = list(groups)
+    params = inspect.signature(model.forward).parameters
+    cache_kw = _cache_kwarg(params)
+    if cache_kw is None:
+        raise _NoPrefixSharing
+    takes_logits_to_keep = "logits_to_keep" in params
+    with torch.inference_mode():
+        for bucket in length_buckets([len(p) for p in prefixes], batch_size):
+            p_mask, layers = _prefix_pass(model, [list(prefixes[b]) for b in bucket], pad_token_id, cache_kw,
+                                          takes_logits_to_keep)
+            # (feature index, row of its prefix in this bucket) for every suffix that shares these prefixes
+            members = [(i, row) for row, b in enumerate(bucket) for i in groups[prefixes[b]]]
+            lengths = [len(features[i]["input_ids"]) - _split_prefix(features[i]) for i, _ in members]
+            for chunk in length_buckets(lengths, batch_size):
+                idx = [members[c][0] for c in chunk]
+                rows = torch.tensor([members[c][1] for c in chunk], device=device)
+                suffixes = [{k: features[i][k][_split_prefix(features[i]):] for k in ("input_ids", "labels")}
+                            for i in idx]
+                suf = pad_batch(suffixes, pad_token_id, "right")
+                s_ids, s_mask, s_labels = (suf[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+                start = torch.tensor([_split_prefix(features[i]) for i in idx], device=device)
+                s_pos = start[:, None] + torch.arange(s_ids.shape[1], device=device)
+                past = _select_cache(layers, rows)
+                logits = model(input_ids=s_ids, attention_mask=torch.cat([p_mask[rows], s_mask], 1),
+                               position_ids=s_pos, use_cache=True, **{cache_kw: past}).logits
+                _collect(out, idx, logits, s_labels)
+    if whole:
+        for i, stats in zip(whole, score_plain(model, [features[i] for i in whole], pad_token_id,
+                                               batch_size=batch_size)):
+            out[i] = stats
+    return out  # type: ignore[return-value]
+
+
+def _prefix_pass(model: torch.nn.Module, prefixes: Sequence[list[int]], pad_token_id: int, cache_kw: str,
+                 takes_logits_to_keep: bool) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Run right-padded `prefixes` once (positions 0, 1, …) and return their mask and per-layer (K, V).
+
+    Right padding keeps every query row attending to at least one real key (no all-masked softmax rows, so
+    no NaN in the pads' cache entries, which later queries mask out anyway)."""
+    device = _model_device(model)
+    pref = pad_batch([{"input_ids": p, "labels": p} for p in prefixes], pad_token_id, "right")
+    p_ids, p_mask = pref["input_ids"].to(device), pref["attention_mask"].to(device)
+    p_pos = torch.arange(p_ids.shape[1], device=device).expand_as(p_ids)
+    extra = {"logits_to_keep": 1} if takes_logits_to_keep else {}
+    output = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **extra)
+    cache = output[cache_kw] if cache_kw in output else output.get("past_key_values")
+    return p_mask, _cache_tensors(cache)
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a prefix pass's cache, refusing anything but full-attention dynamic layers
+    (a sliding window would drop prefix tokens, a quantized/static/recurrent cache cannot be row-sliced)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        raise _NoPrefixSharing
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _select_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor):
+    """A fresh `DynamicCache` holding the prefix rows `rows` (a copy: the suffix pass appends to it)."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in layers])
 
 
 def score_reference(model: torch.nn.Module, features: Sequence[Feature], pad_token_id: int, *,
@@ -151,7 +325,72 @@ def _decode(tokenizer, tokens: Sequence[int]) -> str:
 
 def generate_batched(model: torch.nn.Module, tokenizer, prompts: Sequence[list[int]], *,
                      max_new_tokens: int = 200, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of token-id `prompts`: left-padded length buckets, KV cache, cut at EOS."""
+    """Greedy continuations of token-id `prompts` in length buckets with the KV cache, cut at EOS.
+
+    Where the model supports it (`supports_prefix_sharing`, every prompt ≥ 2 tokens) our own greedy loop
+    (`_greedy_shared`) runs, which drops each sequence from the batch as soon as it emits EOS: on a CPU the
+    cost is the number of tokens computed, and `model.generate` keeps computing finished rows until the
+    longest one ends. Otherwise `model.generate` on left-padded buckets.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if supports_prefix_sharing(model) and all(len(p) >= 2 for p in prompts):
+        try:
+            return _greedy_shared(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        except _NoPrefixSharing:
+            pass
+    return generate_hf_batched(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def _greedy_shared(model: torch.nn.Module, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int,
+                   batch_size: int) -> list[str]:
+    """Greedy decoding: prompt[:-1] through `_prefix_pass` (right-padded), then one token per step.
+
+    Step s feeds each live row's latest token at position |prompt| − 1 + s with the attention mask
+    prefix mask ++ 1^(s+1); next token = argmax of the last logits. A row that emits EOS (or reaches
+    `max_new_tokens`) is finished and its cache row is dropped."""
+    params = inspect.signature(model.forward).parameters
+    cache_kw = _cache_kwarg(params)
+    takes_logits_to_keep = "logits_to_keep" in params
+    extra = {"logits_to_keep": 1} if takes_logits_to_keep else {}
+    from transformers.cache_utils import DynamicCache
+
+    device = _model_device(model)
+    eos = tokenizer.eos_token_id
+    out: list[str] = [""] * len(prompts)
+    with torch.inference_mode():
+        for bucket in length_buckets([len(p) for p in prompts], batch_size):
+            p_mask, layers = _prefix_pass(model, [prompts[i][:-1] for i in bucket], tokenizer.pad_token_id,
+                                          cache_kw, takes_logits_to_keep)
+            cache = DynamicCache(ddp_cache_data=layers)
+            live = list(bucket)  # prompt index of each cache row
+            tokens: dict[int, list[int]] = {i: [] for i in bucket}
+            nxt = torch.tensor([[prompts[i][-1]] for i in bucket], device=device)
+            pos = torch.tensor([[len(prompts[i]) - 1] for i in bucket], device=device)
+            for step in range(max_new_tokens):
+                mask = torch.cat([p_mask, p_mask.new_ones(len(live), step + 1)], 1)
+                logits = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True,
+                               **{cache_kw: cache}, **extra).logits[:, -1]
+                new = logits.argmax(-1)
+                for i, t in zip(live, new.tolist()):
+                    tokens[i].append(t)
+                keep = [r for r, t in enumerate(new.tolist()) if t != eos]
+                if not keep:
+                    break
+                if len(keep) < len(live):
+                    rows = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(rows)
+                    p_mask, new, pos = p_mask[rows], new[rows], pos[rows]
+                    live = [live[r] for r in keep]
+                nxt, pos = new[:, None], pos + 1
+            for i in bucket:
+                out[i] = _decode(tokenizer, tokens[i])
+    return out
+
+
+def generate_hf_batched(model: torch.nn.Module, tokenizer, prompts: Sequence[list[int]], *,
+                        max_new_tokens: int = 200, batch_size: int = 16) -> list[str]:
+    """``model.generate`` on left-padded length buckets (greedy, KV cache), cut at EOS."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = _model_device(model)
@@ -188,6 +427,8 @@ Generator = Callable[..., list[str]]
 
 IMPLEMENTATIONS: dict[str, tuple[Scorer, Generator]] = {
     "batched": (score_batched, generate_batched),
+    # the same batches without prefix sharing, `model.generate`: the previous fast path, a baseline in the bench
+    "batched_plain": (partial(score_batched, share_prefix=False), generate_hf_batched),
     "reference": (score_reference, generate_reference),
 }
 

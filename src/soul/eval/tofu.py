@@ -144,7 +144,8 @@ def evaluate(
       ``privleak`` = (AUC_model − AUC_retain) / AUC_retain × 100 on ``mia_min_k`` when the reference has it.
     * ``exact_memorization``, ``extraction_strength``: forget answers, see `soul.eval.metrics`.
 
-    `implementation` is "batched" (fast) or "reference" (one question at a time; the test oracle).
+    `implementation` is "batched" (fast: prompts shared across answers, batched greedy loop), "batched_plain"
+    (batches without prompt sharing) or "reference" (one sequence at a time; the test oracle).
     """
     score_fn, generate_fn = get_implementation(implementation)
     fmt = resolve_format(tokenizer, prompt_format)

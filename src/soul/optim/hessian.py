@@ -78,6 +78,8 @@ def gnb_backward(model: torch.nn.Module, batch: Batch | Sequence[Batch], *,
         mask = b["labels"][:, 1:].to(device) != IGNORE_INDEX
         selected = logits[:, :-1, :][mask].float()
         if selected.numel() == 0:
+            # Still backward (a zero): under DDP/FSDP every process must join each gradient reduction.
+            (logits.sum() * 0.0).backward()
             continue
         with torch.no_grad():
             probs = torch.softmax(selected, dim=-1)

@@ -284,6 +284,10 @@ def run_training(
                               cpu=not has_accelerator())
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
         raise ValueError("with DeepSpeed set gradient accumulation in the DeepSpeed config and grad_accum=1")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.optimizer == "sophia":
+        # ZeRO hands gradients to its own optimizer step only, so a Hessian estimate would see no .grad.
+        raise ValueError("optimizer 'sophia' does not run under DeepSpeed ZeRO (its Hessian estimate needs the "
+                         "gradients in .grad); use an FSDP or DDP accelerate config, or optimizer 'adamw'")
     main = accelerator.is_main_process
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     set_seed(cfg.seed)
@@ -539,6 +543,9 @@ def run_training(
     full_state = None
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         full_state = accelerator.get_state_dict(model)
+        if full_state is not None and getattr(trained.config, "tie_word_embeddings", False):
+            # The gathered state lists the tied output matrix twice; save it once, as a plain model does.
+            full_state.pop("lm_head.weight", None)
     if hasattr(trained, "merge_and_unload"):
         trained = trained.merge_and_unload()
     trained.eval()
