@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=1))
     if args.out:
-        write_json_atomic(report, args.out)
+        write_json_atomic(args.out, report)
     return 0
 
 

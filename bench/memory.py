@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from soul.io import write_json_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from unlearn_step import CONFIGS, load_records, machine_info, write_json_atomic
+from unlearn_step import CONFIGS, load_records, machine_info
 
 
 def _rss_mb() -> float:
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=1, sort_keys=True))
     if args.out:
-        write_json_atomic(report, args.out)
+        write_json_atomic(args.out, report)
     return 0
 
 

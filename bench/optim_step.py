@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
+from soul.io import write_json_atomic
 from soul.models import resolve_model_path
 from soul.optim import SophiaG
 from soul.optim import sophia as sophia_module
@@ -50,16 +48,6 @@ def _state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
                 out[key] = out.get(key, 0) + value.numel() * value.element_size()
     out["total"] = sum(out.values())
     return out
-
-
-def _write_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sophia_last_stats": stats,
         "note": "interleaved steps (order alternating), median; the machine may be shared with other processes",
     }
-    _write_atomic(Path(args.out), result)
+    write_json_atomic(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_all")}, indent=2))
     return result
 

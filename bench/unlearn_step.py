@@ -24,11 +24,11 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from soul.io import write_json_atomic
 
 # name -> unlearn() options; the objective is GradDiff everywhere.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -41,7 +41,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on (they mean little without it)."""
     import torch
-
     info: dict[str, Any] = {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -52,17 +51,6 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by anyone
-    os.replace(tmp, path)
 
 
 def load_records(data: str, forget_split: str, retain_split: str) -> dict[str, list[dict]]:
@@ -224,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=1, sort_keys=True))
     if args.out:
-        write_json_atomic(report, args.out)
+        write_json_atomic(args.out, report)
     return 0
 
 

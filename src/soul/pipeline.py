@@ -281,7 +281,7 @@ def evaluate_model(model, tokenizer, preset: dict[str, Any], data: dict[str, lis
 def evaluate_cached(path: str, fingerprint: str, preset: dict[str, Any], data: dict[str, list[dict]],
                     reference: dict[str, Any] | None, out: Path, progress: Progress, label: str) -> dict[str, Any]:
     """Evaluate a reference model once per (model, eval settings, eval data, reference); cached as JSON."""
-    from soul.eval.results import write_json_atomic
+    from soul.io import write_json_atomic
     from soul.models import cache_dir
 
     splits, holdout = eval_splits(preset, data)
@@ -297,8 +297,8 @@ def evaluate_cached(path: str, fingerprint: str, preset: dict[str, Any], data: d
         model, tokenizer = _load(path, preset)
         results = evaluate_model(model, tokenizer, preset, data, reference, None)
         del model
-        write_json_atomic(results, cached)
-    write_json_atomic(results, out)
+        write_json_atomic(cached, results)
+    write_json_atomic(out, results)
     return results
 
 
@@ -337,7 +337,7 @@ def run_unlearning(spec: dict[str, Any], target_path: str, preset: dict[str, Any
                    run_dir: Path, keep_model: bool) -> tuple[Any, Any, dict[str, Any]]:
     """Unlearn with one objective/optimizer; returns (model, tokenizer, run info). The per-step log is
     collected through the loop's step callback and written to ``run_dir/train_log.jsonl``."""
-    from soul.report.io import write_text_atomic
+    from soul.io import write_text_atomic
     from soul.train import unlearn
 
     forget = preset.get("forget_split", "forget10")

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from soul.data.io import atomic_write_text, dump_records
+from soul.data.io import dump_records
+from soul.io import write_text_atomic
 
 GENERATOR_VERSION = 1
 FORGET_PERCENTS = (1, 5, 10)
@@ -448,7 +449,7 @@ def make_benchmark(out_dir: str | Path, n_authors: int = 20, qas_per_author: int
     entries = {}
     for name, records in splits.items():
         text = dump_records(records)
-        atomic_write_text(out / f"{name}.json", text)
+        write_text_atomic(out / f"{name}.json", text)
         entries[name] = {
             "file": f"{name}.json", "records": len(records),
             "authors": len({r["author"] for r in records if "author" in r}),
@@ -459,5 +460,5 @@ def make_benchmark(out_dir: str | Path, n_authors: int = 20, qas_per_author: int
                 "splits": entries}
     import json
 
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return out

@@ -8,29 +8,12 @@ suffix: a document starting with ``[`` is a JSON array; one holding a single obj
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from soul.data.validate import DataError
 
 RECORD_SUFFIXES = (".json", ".jsonl", ".parquet")
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temp file in the same directory and `os.replace` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def dump_records(records: list[dict]) -> str:

@@ -3,8 +3,9 @@ toxicity and optional lm-eval tasks. ``soul.evaluate`` is `soul.eval.evaluate`."
 
 from __future__ import annotations
 
-from soul.eval.results import load_reference, load_results, write_json_atomic
+from soul.eval.results import load_reference, load_results
 from soul.eval.tofu import evaluate, reference_stats
+from soul.io import write_json_atomic
 
 __all__ = [
     "copyright_eval",

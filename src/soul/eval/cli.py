@@ -60,8 +60,8 @@ def cached_reference(retain_model: str, forget: list[dict], holdout: list[dict] 
 def _run(args: argparse.Namespace) -> int:
     from soul.cli import CLIError
     from soul.data import load_split  # the data package's loader (bundled benchmark, directory or hub)
-    from soul.eval.results import write_json_atomic
     from soul.eval.tofu import evaluate
+    from soul.io import write_json_atomic
     from soul.models import load_model
 
     if not args.out:
@@ -104,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
                                              limit=args.lm_eval_limit, device=args.device)
         except ImportError as err:
             raise CLIError(str(err)) from None
-    write_json_atomic(results, args.out)
+    write_json_atomic(args.out, results)
     summary = {k: v["agg_value"] for k, v in results.items() if isinstance(v, dict) and "agg_value" in v}
     print(json.dumps(summary, indent=1))
     print(f"soul eval: wrote {args.out}", file=sys.stderr)

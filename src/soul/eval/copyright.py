@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from soul.eval import metrics as M
-from soul.eval.results import write_json_atomic
 from soul.eval.scoring import get_implementation
+from soul.io import write_json_atomic
 
 
 def bleu(generation: str, reference: str) -> float:
@@ -68,5 +68,5 @@ def copyright_eval(model, tokenizer, passages: Sequence[str], *, prefix_tokens: 
         "meta": {"prefix_tokens": prefix_tokens, "max_new_tokens": max_new_tokens, "n": n},
     }
     if out is not None:
-        write_json_atomic(results, out)
+        write_json_atomic(out, results)
     return results

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from soul.data.format import answer_ids, prompt_ids, resolve_format
-from soul.eval.results import write_json_atomic
 from soul.eval.scoring import get_implementation
+from soul.io import write_json_atomic
 from soul.losses import IGNORE_INDEX
 
 
@@ -71,5 +71,5 @@ def multiple_choice_eval(model, tokenizer, records: Sequence[dict], *, prompt_fo
         "meta": {"prompt_format": fmt, "n": n},
     }
     if out is not None:
-        write_json_atomic(results, out)
+        write_json_atomic(out, results)
     return results

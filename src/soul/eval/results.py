@@ -8,42 +8,13 @@ from `soul.eval.reference_stats`) is a valid forget-quality / PrivLeak reference
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 # What a reference must hold, and what for.
 REFERENCE_TR_KEY = "forget_truth_ratio"
 REFERENCE_MIA_KEY = "mia_min_k"
-
-
-def _clean(obj: Any) -> Any:
-    """JSON cannot hold NaN/inf: write them as null so the file stays strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write `data` as JSON to `path` through a temporary sibling file and `os.replace` (never half-written)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_clean(data), fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:

@@ -21,9 +21,9 @@ from soul.eval.results import (
     load_reference,
     reference_mia_auc,
     reference_truth_ratios,
-    write_json_atomic,
 )
 from soul.eval.scoring import TokenStats, get_implementation
+from soul.io import write_json_atomic
 from soul.losses import IGNORE_INDEX
 
 Record = dict[str, Any]
@@ -202,7 +202,7 @@ def evaluate(
         "model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
     }
     if out is not None:
-        write_json_atomic(results, out)
+        write_json_atomic(out, results)
     return results
 
 

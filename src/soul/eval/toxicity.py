@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from soul.data.format import prompt_ids, resolve_format
-from soul.eval.results import write_json_atomic
 from soul.eval.scoring import get_implementation
+from soul.io import write_json_atomic
 
 ToxicityScorer = Callable[[list[str]], list[float]]
 
@@ -104,5 +104,5 @@ def toxicity_eval(model, tokenizer, prompts: Sequence[str | dict], *, scorer: st
         "meta": {"scorer": scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "callable"), "n": n},
     }
     if out is not None:
-        write_json_atomic(results, out)
+        write_json_atomic(out, results)
     return results

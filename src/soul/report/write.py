@@ -13,9 +13,9 @@ from html import escape
 from pathlib import Path
 from typing import Any, TextIO
 
+from soul.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from soul.report import plots
 from soul.report.html import render_html
-from soul.report.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from soul.report.pareto import FQ, MU, best_at_utility, pareto_front
 from soul.report.results import OPTIMIZER_NAMES, check_row_ranges, reduce_results, table_rows
 from soul.report.table import markdown_table, text_table

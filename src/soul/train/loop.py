@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from soul.io import write_json_atomic
 from soul.losses import model_logits, sequence_nll
 from soul.train.config import KEEP_BEST_METRICS, TrainConfig
 
@@ -230,12 +231,6 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -402,7 +397,7 @@ def run_training(
         progress.elapsed = time.time() - run_start
         accelerator.save_state(str(tmp), safe_serialization=False)
         if main:
-            write_json(tmp / "checkpoint.json", {"step": step, "config": cfg.to_dict(), "world_size": world})
+            write_json_atomic(tmp / "checkpoint.json", {"step": step, "config": cfg.to_dict(), "world_size": world})
         accelerator.wait_for_everyone()
         if main:
             if final.exists():
@@ -436,7 +431,7 @@ def run_training(
                     tmp = ckpt_root / f".tmp-{BEST_NAME}"
                     tmp.mkdir(parents=True, exist_ok=True)
                     torch.save(state, tmp / "trainable.pt")
-                    write_json(tmp / "best.json", progress.best)
+                    write_json_atomic(tmp / "best.json", progress.best)
                     if (ckpt_root / BEST_NAME).exists():
                         shutil.rmtree(ckpt_root / BEST_NAME)
                     os.replace(tmp, ckpt_root / BEST_NAME)
@@ -580,7 +575,7 @@ def run_training(
             shutil.rmtree(staging)
         save_model(trained, tokenizer, staging, state_dict=full_state)
         record["out_dir"] = str(out)
-        write_json(staging / RUN_NAME, record)
+        write_json_atomic(staging / RUN_NAME, record)
         if log_path.exists():
             shutil.copy2(log_path, staging / LOG_NAME)
         if ckpt_root.exists() and (cfg.keep_checkpoints or cfg.keep_best):

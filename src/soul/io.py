@@ -1,4 +1,4 @@
-"""Atomic file writes for report outputs: every file appears complete or not at all."""
+"""Atomic file writes: every file soul writes (results, reports, data, logs) appears complete or not at all."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read (and served) by others
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be read (and served) by others
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,5 +44,6 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    text = json.dumps(json_safe(data), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    """Strict JSON (NaN/inf as null; other non-JSON values as their `str`) written atomically."""
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False, ensure_ascii=False, default=str) + "\n"
     return write_text_atomic(path, text)
