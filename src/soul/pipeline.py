@@ -15,6 +15,23 @@
 optimizer for one objective, and reports the Pareto front of forget quality vs model utility.
 
 Presets are YAML files ``src/soul/presets/reproduce-<name>.yaml`` (or any path); see `load_preset`.
+
+Tasks (preset key ``task``): ``tofu`` (above), and three whose target is the preset's model as given (or
+fine-tuned on forget + retain when ``target.finetune`` is set) and which have no retain reference model:
+
+* ``copyright`` — forget = passages of ``data.source`` as raw-text QA records {question: first
+  ``prefix_words`` words, answer: the next ``continuation_words``} (prompt format ``raw``); retain = passages
+  of ``data.retain_source`` or, without one, the corpus passages after the first ``data.n_forget``. Metrics:
+  BLEU / ROUGE-L of greedy continuations (`soul.eval.copyright_eval`) on forget and retain passages.
+* ``detox`` — forget = `soul.data.load_detox` pairs (prompt, unsafe response); retain = the safe responses
+  of the same prompts, or ``data.retain_source``/``data.retain_split`` QA records. Metrics: toxicity of
+  greedy answers to the forget prompts (`soul.eval.toxicity_eval`, offline scorer by default) and the mean
+  answer probability exp(−mean NLL) of the retain answers.
+* ``wmdp`` — forget / retain as for ``copyright`` (a forget corpus of the hazardous topic); metrics:
+  multiple-choice accuracy (`soul.eval.multiple_choice_eval`) on ``data.mc_source`` (the forget topic) and
+  ``data.utility_mc_source`` (general knowledge).
+
+All tasks share the unlearning grid (`unlearn_configs`, `run_unlearning`), one-shot influence and the report.
 """
 
 from __future__ import annotations
@@ -36,7 +53,10 @@ from typing import Any, TextIO
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 PRESET_PREFIX = "reproduce-"
 CACHE_VERSION = 1  # bump when the meaning of a cached model or result changes
-TASKS = ("tofu",)
+TASKS = ("tofu", "copyright", "detox", "wmdp")
+# Prompt format of the unlearning data when the preset sets none: passages are raw text, not questions.
+TASK_PROMPT_FORMATS = {"copyright": "raw", "wmdp": "raw"}
+TASK_SPLITS = ("forget", "retain")  # split names of the non-TOFU tasks' unlearning data
 PRESET_KEYS = {"name", "description", "task", "model", "dtype", "device", "data", "forget_split", "retain_split",
                "holdout_split", "utility_splits", "max_questions", "target", "retain", "unlearn", "influence",
                "eval", "sweep", "seed", "progress_bars", "prompt_format"}
@@ -76,7 +96,7 @@ def load_preset(name_or_path: str | os.PathLike | dict[str, Any]) -> dict[str, A
         raise ValueError(f"preset {where}: unknown key(s) {unknown}; known: {sorted(PRESET_KEYS)}")
     task = data.get("task", "tofu")
     if task not in TASKS:
-        raise ValueError(f"preset {where}: task {task!r} is not supported by `soul reproduce` yet; "
+        raise ValueError(f"preset {where}: task {task!r} is not supported by `soul reproduce`; "
                          f"supported: {list(TASKS)}")
     unl = data.get("unlearn") or {}
     for key in ("objectives", "optimizers"):
@@ -163,10 +183,31 @@ def _derived(forget_split: str, kind: str) -> str:
     return f"retain{100 - pct:02d}" if kind == "retain" else f"holdout{pct:02d}"
 
 
+def task_of(preset: dict[str, Any]) -> str:
+    return str(preset.get("task", "tofu"))
+
+
+def prompt_format(preset: dict[str, Any]) -> str:
+    """The preset's prompt format, else the task's default (``raw`` for text corpora, ``auto`` otherwise)."""
+    return str(preset.get("prompt_format") or TASK_PROMPT_FORMATS.get(task_of(preset), "auto"))
+
+
+def split_names(preset: dict[str, Any]) -> tuple[str, str]:
+    """(forget split, retain split) of the unlearning data."""
+    if task_of(preset) != "tofu":
+        return TASK_SPLITS
+    forget = preset.get("forget_split", "forget10")
+    return forget, preset.get("retain_split") or _derived(forget, "retain")
+
+
 def load_data(preset: dict[str, Any]) -> dict[str, list[dict]]:
     """Every split the pipeline needs, by name, evaluation sets capped at ``max_questions`` (first N)."""
     from soul.data import load_split
 
+    if task_of(preset) != "tofu":
+        from soul.tasks import load_task_data
+
+        return load_task_data(preset)
     source = _data_source(preset)
     forget = preset.get("forget_split", "forget10")
     retain = preset.get("retain_split") or _derived(forget, "retain")
@@ -238,13 +279,15 @@ def reference_model(role: str, preset: dict[str, Any], base: str, base_fp: str, 
     if spec.get("model"):
         progress.say(f"{role} model: using {spec['model']} as given")
         return str(spec["model"]), model_fingerprint(spec["model"]), None
-    forget = preset.get("forget_split", "forget10")
-    split = "full" if role == "target" else (preset.get("retain_split") or _derived(forget, "retain"))
+    if task_of(preset) != "tofu" and not spec.get("finetune"):
+        progress.say(f"{role} model: using {preset.get('model')} as given")
+        return base, base_fp or model_fingerprint(base), None
+    split = "full" if role == "target" else split_names(preset)[1]
     ft_cfg = dict((preset.get("target") or {}).get("finetune") or {})
     if role == "retain":
         ft_cfg.update(spec.get("finetune") or {})
     ft_cfg.setdefault("seed", preset.get("seed", 0))
-    ft_cfg.setdefault("prompt_format", preset.get("prompt_format", "auto"))
+    ft_cfg.setdefault("prompt_format", prompt_format(preset))
     key = _sha({"v": CACHE_VERSION, "base": base_fp, "data": hash_records(data[split]), "config": ft_cfg,
                 "dtype": preset.get("dtype")})
     out = cache_dir() / "finetuned" / f"{role}-{key[:20]}"
@@ -273,6 +316,15 @@ def evaluate_model(model, tokenizer, preset: dict[str, Any], data: dict[str, lis
                    reference: dict[str, Any] | None, out: Path | None) -> dict[str, Any]:
     from soul.eval import evaluate
 
+    if task_of(preset) != "tofu":
+        from soul.io import write_json_atomic
+        from soul.tasks import evaluate_task
+
+        results = evaluate_task(model, tokenizer, preset, data)
+        if out is not None:
+            write_json_atomic(out, results)
+        return results
+
     splits, holdout = eval_splits(preset, data)
     return evaluate(model, tokenizer, splits, forget_split_name=preset.get("forget_split", "forget10"),
                     retain_reference=reference, holdout=holdout, out=out, **_eval_kwargs(preset))
@@ -284,10 +336,14 @@ def evaluate_cached(path: str, fingerprint: str, preset: dict[str, Any], data: d
     from soul.io import write_json_atomic
     from soul.models import cache_dir
 
-    splits, holdout = eval_splits(preset, data)
-    key = _sha({"v": CACHE_VERSION, "model": fingerprint, "eval": _eval_kwargs(preset),
-                "data": {k: hash_records(v) for k, v in splits.items()}, "holdout": hash_records(holdout),
-                "reference": None if reference is None else _sha(reference.get("forget_truth_ratio"))})
+    if task_of(preset) == "tofu":
+        splits, holdout = eval_splits(preset, data)
+        key = _sha({"v": CACHE_VERSION, "model": fingerprint, "eval": _eval_kwargs(preset),
+                    "data": {k: hash_records(v) for k, v in splits.items()}, "holdout": hash_records(holdout),
+                    "reference": None if reference is None else _sha(reference.get("forget_truth_ratio"))})
+    else:
+        key = _sha({"v": CACHE_VERSION, "model": fingerprint, "task": task_of(preset),
+                    "eval": preset.get("eval") or {}, "data": _sha(data["_eval"])})
     cached = cache_dir() / "evals" / f"{key[:24]}.json"
     if cached.is_file():
         progress.say(f"evaluating {label}: cached results {cached}")
@@ -328,7 +384,7 @@ def unlearn_configs(preset: dict[str, Any]) -> list[dict[str, Any]]:
             cfg = {**common, **(obj_cfg or {}), **(opt_cfg or {}), **(overrides.get(f"{obj}/{opt}") or {})}
             cfg.setdefault("seed", preset.get("seed", 0))
             # The model must see the prompt format it was fine-tuned with, in every stage.
-            cfg.setdefault("prompt_format", preset.get("prompt_format", "auto"))
+            cfg.setdefault("prompt_format", prompt_format(preset))
             runs.append({"name": f"{obj}-{opt}", "objective": obj, "optimizer": opt, "config": cfg})
     return runs
 
@@ -340,8 +396,7 @@ def run_unlearning(spec: dict[str, Any], target_path: str, preset: dict[str, Any
     from soul.io import write_text_atomic
     from soul.train import unlearn
 
-    forget = preset.get("forget_split", "forget10")
-    retain = preset.get("retain_split") or _derived(forget, "retain")
+    forget, retain = split_names(preset)
     model, tokenizer = _load(target_path, preset)
     log: list[dict] = []
     t0 = time.perf_counter()
@@ -364,13 +419,12 @@ def run_influence(target_path: str, preset: dict[str, Any], data: dict[str, list
     cfg = dict(preset.get("influence") or {})
     batch_size = int(cfg.pop("batch_size", 4))
     max_batches = cfg.pop("max_retain_batches", None)
-    forget = preset.get("forget_split", "forget10")
-    retain = preset.get("retain_split") or _derived(forget, "retain")
+    forget, retain = split_names(preset)
     model, tokenizer = _load(target_path, preset)
     collate = QACollator(tokenizer)
 
     def batches(records: list[dict], limit: int | None) -> list[dict]:
-        ds = QADataset(records, tokenizer, prompt_format=preset.get("prompt_format", "auto"))
+        ds = QADataset(records, tokenizer, prompt_format=prompt_format(preset))
         out = [collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))]) for i in range(0, len(ds), batch_size)]
         out = out[:limit] if limit else out
         return [{k: v.to(model.device) if hasattr(v, "to") else v for k, v in b.items()} for b in out]
@@ -385,6 +439,8 @@ def run_influence(target_path: str, preset: dict[str, Any], data: dict[str, list
 # ----------------------------------------------------------------------------------------------- pipeline
 def prepare(preset: dict[str, Any], out: Path, progress: Progress, base: str) -> dict[str, Any]:
     """Stages 1 and the reference half of 3: data, target and retain models, their evaluations."""
+    if task_of(preset) != "tofu":
+        return prepare_task(preset, out, progress, base)
     progress.stage(1, "data and reference models (target on full, retain on the retain split)")
     data = load_data(preset)
     base_fp = model_fingerprint(base) if not ((preset.get("target") or {}).get("model") and
@@ -404,14 +460,31 @@ def prepare(preset: dict[str, Any], out: Path, progress: Progress, base: str) ->
     return {"data": data, "target_path": target_path, "retain_res": retain_res, "runs": runs}
 
 
+def prepare_task(preset: dict[str, Any], out: Path, progress: Progress, base: str) -> dict[str, Any]:
+    """`prepare` for the copyright / detox / WMDP tasks: data, the target (no retain reference model: these
+    benchmarks compare each model's task metrics, not forget quality against a retrained model)."""
+    task = task_of(preset)
+    progress.stage(1, f"{task} data and the target model")
+    data = load_data(preset)
+    base_fp = "" if (preset.get("target") or {}).get("model") else model_fingerprint(base)
+    target_path, target_fp, target_wall = reference_model("target", preset, base, base_fp, data, progress)
+    progress.stage(2, "evaluating the target model")
+    target_res = evaluate_cached(target_path, target_fp, preset, data, None, out / "eval" / "target.json",
+                                 progress, "target")
+    runs = [{"name": "target", "role": "target", "model": target_path, "wall_time_s": target_wall,
+             "metrics": target_res}]
+    return {"data": data, "target_path": target_path, "retain_res": None, "runs": runs}
+
+
 def _meta(preset: dict[str, Any], command: str) -> dict[str, Any]:
     import platform
 
     import torch
 
-    return {"command": command, "preset": preset.get("name"), "preset_file": preset.get("_where"),
+    return {"command": command, "task": task_of(preset), "preset": preset.get("name"),
+            "preset_file": preset.get("_where"),
             "description": preset.get("description", ""), "model": preset.get("model"),
-            "data": _data_source(preset), "forget_split": preset.get("forget_split", "forget10"),
+            "data": _data_source(preset), "forget_split": split_names(preset)[0],
             "device": _device(preset), "torch": torch.__version__, "python": platform.python_version(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -436,7 +509,8 @@ def reproduce(preset: str | os.PathLike | dict[str, Any], out_dir: str | os.Path
         specs = [s for s in unlearn_configs(preset) if not only or s["name"] in only]
         do_influence = preset.get("influence") is not None and (not only or "influence" in only)
         n = len(specs) + int(do_influence)
-        progress.stage(3, f"unlearning: {n} runs, each evaluated against the retain reference")
+        against = "the retain reference" if ctx["retain_res"] is not None else "the task's metrics"
+        progress.stage(3, f"unlearning: {n} runs, each evaluated against {against}")
         for i, spec in enumerate(specs, 1):
             run_dir = out / "runs" / spec["name"]
             progress.say(f"run {i}/{n}: {spec['name']} ({spec['objective']} + {spec['optimizer']})")
@@ -455,6 +529,11 @@ def reproduce(preset: str | os.PathLike | dict[str, Any], out_dir: str | os.Path
             runs.append({"name": "influence", "role": "influence", "wall_time_s": info["wall_time_s"],
                          "config": info["config"], "stats": info["stats"], "metrics": res})
     progress.stage(4, f"writing the report to {out}")
+    if task_of(preset) != "tofu":
+        from soul.tasks import task_examples
+
+        for run in runs:  # the report's example generations (its default reader knows TOFU's keys only)
+            run.setdefault("examples", task_examples(run["metrics"]))
     results = {"meta": _meta(preset, "reproduce"), "runs": runs}
     write_report(results, out, stream=sys.stdout if stream is not None else None)
     return results
@@ -494,6 +573,9 @@ def sweep(preset: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike
     from soul.report.results import OBJECTIVE_NAMES, run_label
 
     preset = load_preset(preset)
+    if task_of(preset) != "tofu":
+        raise ValueError(f"preset {preset.get('_where')}: `soul sweep` needs task 'tofu' (forget quality vs "
+                         f"model utility), not {task_of(preset)!r}; use `soul reproduce` for this task")
     stream = sys.stderr if stream == "stderr" else stream
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

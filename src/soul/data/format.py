@@ -7,6 +7,9 @@ Formats:
   the answer follows, closed by the EOS token (for ChatML models ``<|im_end|>``).
 * ``plain`` — ``"Question: {question}\\nAnswer:"`` and the answer as ``" {answer}"`` + EOS, for tokenizers
   without a chat template (and for short prompts on CPU).
+* ``raw`` — raw text continuation (copyright / WMDP-style text forgetting): the prompt is the question text
+  as is (with the tokenizer's usual leading special tokens, e.g. BOS) and the answer is ``" {answer}"``
+  with **no** EOS, since the answer is the middle of a running text, not the end of a reply.
 * ``auto`` (default) — ``chat`` when the tokenizer has a chat template, else ``plain``.
 
 The prompt and the answer are tokenised separately and concatenated, so the answer's tokens are the same
@@ -22,7 +25,7 @@ import torch
 
 from soul.losses import IGNORE_INDEX
 
-PROMPT_FORMATS = ("auto", "chat", "plain")
+PROMPT_FORMATS = ("auto", "chat", "plain", "raw")
 
 
 def resolve_format(tokenizer, prompt_format: str = "auto") -> str:
@@ -43,15 +46,17 @@ def prompt_ids(tokenizer, question: str, prompt_format: str = "auto") -> list[in
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
         )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if fmt == "raw":
+        return tokenizer(question, add_special_tokens=True)["input_ids"]
     return tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
 
 
 def answer_ids(tokenizer, answer: str, prompt_format: str = "auto") -> list[int]:
-    """Token ids of the answer, closed by EOS."""
+    """Token ids of the answer, closed by EOS (except in the ``raw`` format: a continuation of running text)."""
     fmt = resolve_format(tokenizer, prompt_format)
     text = answer if fmt == "chat" else f" {answer}"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [*ids, tokenizer.eos_token_id]
+    return ids if fmt == "raw" else [*ids, tokenizer.eos_token_id]
 
 
 def encode_qa(

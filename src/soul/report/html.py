@@ -7,7 +7,7 @@ import base64
 from html import escape
 from typing import Any
 
-from soul.report.results import COLUMNS
+from soul.report.results import visible_columns
 from soul.report.table import format_value
 
 _CSS = """
@@ -30,12 +30,13 @@ def data_uri(png: bytes) -> str:
 
 
 def _table_html(rows: list[dict[str, Any]], marks: dict[str, str]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in ["Method"] + [c.title for c in COLUMNS])
+    columns = visible_columns(rows)
+    head = "".join(f"<th>{escape(h)}</th>" for h in ["Method"] + [c.title for c in columns])
     body = []
     for row in rows:
         label = escape(row["label"]) + (f" {escape(marks[row['name']])}" if row["name"] in marks else "")
         cls = ' class="ref"' if row["role"] in ("target", "retain") else ""
-        cells = "".join(f"<td>{escape(format_value(c, row.get(c.key)))}</td>" for c in COLUMNS)
+        cells = "".join(f"<td>{escape(format_value(c, row.get(c.key)))}</td>" for c in columns)
         body.append(f"<tr{cls}><td>{label}</td>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

@@ -43,6 +43,7 @@ class Column:
     metrics: tuple[str, ...]  # eval-result keys, first present wins (() = not an eval metric)
     bounded: bool = True     # a value in [0, 1]
     higher_is_better: bool | None = None  # None: neither (closeness to the retain model matters)
+    group: str = "tofu"      # the task whose table shows it ("all": every table), see `visible_columns`
 
 
 COLUMNS: tuple[Column, ...] = (
@@ -53,9 +54,29 @@ COLUMNS: tuple[Column, ...] = (
     Column("mia_auc", "MIA AUC", ("mia_min_k", "mia_loss"), True, False),
     Column("model_utility", "Model utility", ("model_utility",), True, True),
     Column("retain_rouge", "Retain ROUGE-L", ("retain_Q_A_ROUGE",), True, True),
-    Column("wall_time_s", "Wall time", (), False, None),
+    # Text forgetting (copyright, `soul.pipeline` task "copyright"): greedy continuations of passages.
+    Column("forget_bleu", "Forget BLEU", ("forget_bleu",), True, False, "copyright"),
+    Column("forget_text_rouge", "Forget ROUGE-L", ("forget_rougeL",), True, False, "copyright"),
+    Column("retain_bleu", "Retain BLEU", ("retain_bleu",), True, True, "copyright"),
+    Column("retain_text_rouge", "Retain ROUGE-L", ("retain_rougeL",), True, True, "copyright"),
+    # Detoxification (task "detox"): toxicity of answers to the forget prompts, likelihood of retain answers.
+    Column("forget_toxicity", "Forget toxicity", ("forget_toxicity",), True, False, "detox"),
+    Column("forget_toxic_rate", "Toxic rate", ("forget_toxic_rate",), True, False, "detox"),
+    Column("retain_answer_prob", "Retain prob.", ("retain_answer_prob",), True, True, "detox"),
+    # Hazardous knowledge (task "wmdp"): multiple-choice accuracy on the forget topic and on general knowledge.
+    Column("forget_mc_accuracy", "Forget MC acc.", ("forget_mc_accuracy",), True, False, "wmdp"),
+    Column("utility_mc_accuracy", "Utility MC acc.", ("utility_mc_accuracy",), True, True, "wmdp"),
+    Column("wall_time_s", "Wall time", (), False, None, "all"),
 )
 METRIC_COLUMNS = tuple(c for c in COLUMNS if c.metrics)
+
+
+def visible_columns(rows: list[dict[str, Any]]) -> tuple[Column, ...]:
+    """The columns a table of `rows` shows: those of every task group with at least one value in `rows`
+    (TOFU's when none has any), plus the ``"all"`` columns — so a TOFU table is unchanged and a copyright,
+    detox or WMDP table shows its own metrics instead of empty TOFU columns."""
+    groups = {c.group for c in METRIC_COLUMNS if any(r.get(c.key) is not None for r in rows)} or {"tofu"}
+    return tuple(c for c in COLUMNS if c.group == "all" or c.group in groups)
 
 
 def run_label(run: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from soul.report.results import COLUMNS, Column
+from soul.report.results import Column, visible_columns
 
 
 def format_value(col: Column, value: float | None) -> str:
@@ -23,8 +23,9 @@ def format_value(col: Column, value: float | None) -> str:
 
 
 def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = ["Method"] + [c.title for c in COLUMNS]
-    body = [[row["label"]] + [format_value(c, row.get(c.key)) for c in COLUMNS] for row in rows]
+    columns = visible_columns(rows)
+    header = ["Method"] + [c.title for c in columns]
+    body = [[row["label"]] + [format_value(c, row.get(c.key)) for c in columns] for row in rows]
     return header, body
 
 

@@ -17,7 +17,7 @@ from soul.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from soul.report import plots
 from soul.report.html import render_html
 from soul.report.pareto import FQ, MU, best_at_utility, pareto_front
-from soul.report.results import OPTIMIZER_NAMES, check_row_ranges, reduce_results, table_rows
+from soul.report.results import METRIC_COLUMNS, OPTIMIZER_NAMES, check_row_ranges, reduce_results, table_rows
 from soul.report.table import markdown_table, text_table
 
 BEST_MARK = "★"
@@ -90,9 +90,12 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
     files: dict[str, Path] = {}
     images: dict[str, bytes] = {}
 
-    images["Forget quality vs model utility"] = plots.fq_mu_scatter(rows)
-    files["fq_vs_utility.png"] = write_bytes_atomic(out / "fq_vs_utility.png",
-                                                    images["Forget quality vs model utility"])
+    if any(r.get("forget_quality") is not None or r.get("model_utility") is not None for r in rows) or not any(
+            r.get(c.key) is not None for r in rows for c in METRIC_COLUMNS):
+        # Only TOFU-style results have these axes; a copyright / detox / WMDP report would draw an empty plot.
+        images["Forget quality vs model utility"] = plots.fq_mu_scatter(rows)
+        files["fq_vs_utility.png"] = write_bytes_atomic(out / "fq_vs_utility.png",
+                                                        images["Forget quality vs model utility"])
     curves = plots.loss_curves(compact["runs"])
     if curves is not None:
         images["Training loss per step: first order vs second order"] = curves
