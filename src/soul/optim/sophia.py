@@ -88,7 +88,9 @@ class SophiaG(Optimizer):
         hessian_interval: refresh the Hessian every ``k`` steps (from step 0).
         estimator: ``gnb`` | ``hutchinson`` | ``gradsq`` (see module docstring).
         bias_correction: bias-correct ``m`` and ``h`` (True) or follow the reference code (False).
-        foreach: use the multi-tensor path (None: when every parameter is on an accelerator).
+        foreach: use the multi-tensor path (True, and the default None) or the per-tensor reference path
+            (False). Unlike torch's optimizers the default is the multi-tensor path on CPU too: its CPU
+            buckets make it ~6x faster than the reference path there (see ``CPU_BUCKET_NUMEL``).
     """
 
     def __init__(
@@ -263,7 +265,7 @@ class SophiaG(Optimizer):
     def _use_foreach(group: dict[str, Any], tensors: list[torch.Tensor]) -> bool:
         if group["foreach"] is not None:
             return bool(group["foreach"])
-        return all(t.device.type not in ("cpu", "meta") for t in tensors)
+        return all(t.device.type != "meta" for t in tensors)
 
     # -- diagnostics --------------------------------------------------------------------------------------
     def _record_h_stats(self) -> None:
