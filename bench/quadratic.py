@@ -19,33 +19,11 @@ import math
 import torch
 
 from soul.io import write_json_atomic
-from soul.optim import SophiaG
+from soul.testing import quadratic_steps_to_tolerance
 
 LRS = [10**e for e in (-3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0)]
 SGD_LRS = [2.0e-5, 5.0e-5, 1.0e-4, 1.9e-4]  # GD is stable only for lr < 2/d_max = 2e-4 at cond 1e4
 RHOS = [0.04, 1.0]
-
-
-def steps_to_tolerance(kind: str, lr: float, curvature: torch.Tensor, x0: torch.Tensor, *, tol: float,
-                       max_steps: int, **opt_kwargs) -> int:
-    x = torch.nn.Parameter(x0.clone())
-    if kind == "sophia":
-        opt = SophiaG([x], lr=lr, weight_decay=0.0, foreach=False, **opt_kwargs)
-    elif kind == "adamw":
-        opt = torch.optim.AdamW([x], lr=lr, weight_decay=0.0, **opt_kwargs)
-    else:
-        opt = torch.optim.SGD([x], lr=lr)
-    f0 = 0.5 * float((curvature * x0**2).sum())
-    for t in range(max_steps):
-        loss = 0.5 * (curvature * x**2).sum()
-        if float(loss.detach()) <= tol * f0:
-            return t
-        if kind == "sophia" and opt.hessian_due():
-            opt.update_hessian(estimates={x: curvature.clone()})
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return max_steps
 
 
 def best(kind: str, curvature: torch.Tensor, x0: torch.Tensor, *, tol: float, max_steps: int,
@@ -56,8 +34,8 @@ def best(kind: str, curvature: torch.Tensor, x0: torch.Tensor, *, tol: float, ma
     for lr in grid:
         for rho in rhos:
             kw = dict(opt_kwargs, **({"rho": rho} if rho is not None else {}))
-            runs.append({"lr": lr, "rho": rho, "steps": steps_to_tolerance(kind, lr, curvature, x0, tol=tol,
-                                                                            max_steps=max_steps, **kw)})
+            steps = quadratic_steps_to_tolerance(kind, lr, curvature, x0, tol=tol, max_steps=max_steps, **kw)
+            runs.append({"lr": lr, "rho": rho, "steps": steps})
     top = min(runs, key=lambda r: r["steps"])
     return {"steps": top["steps"], "lr": top["lr"], "rho": top["rho"], "reached": top["steps"] < max_steps}
 

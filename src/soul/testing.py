@@ -100,3 +100,30 @@ def tiny_model(family: str = "llama", **kwargs) -> tuple[PreTrainedModel, PreTra
         return TINY_MODELS[family](**kwargs)
     except KeyError:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {sorted(TINY_MODELS)}") from None
+
+
+def quadratic_steps_to_tolerance(kind: str, lr: float, curvature: torch.Tensor, x0: torch.Tensor, *,
+                                 tol: float, max_steps: int, **opt_kwargs) -> int:
+    """Steps of ``kind`` (``sophia`` | ``adamw`` | ``sgd``) from `x0` until f(x) <= tol·f(x0) for the diagonal
+    quadratic f = 1/2 Σ d_i x_i² (`max_steps` when never). Sophia gets the exact diagonal as its Hessian
+    estimate whenever one is due. Shared by the optimizer tests and ``bench/quadratic.py``."""
+    from soul.optim import SophiaG
+
+    x = torch.nn.Parameter(x0.clone())
+    if kind == "sophia":
+        opt = SophiaG([x], lr=lr, weight_decay=0.0, foreach=False, **opt_kwargs)
+    elif kind == "adamw":
+        opt = torch.optim.AdamW([x], lr=lr, weight_decay=0.0, **opt_kwargs)
+    else:
+        opt = torch.optim.SGD([x], lr=lr, **opt_kwargs)
+    f0 = 0.5 * float((curvature * x0**2).sum())
+    for t in range(max_steps):
+        loss = 0.5 * (curvature * x**2).sum()
+        if float(loss.detach()) <= tol * f0:
+            return t
+        if kind == "sophia" and opt.hessian_due():
+            opt.update_hessian(estimates={x: curvature.clone()})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return max_steps

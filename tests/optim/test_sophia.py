@@ -9,6 +9,7 @@ import torch
 
 from soul.optim import SophiaG
 from soul.optim import sophia as sophia_module
+from soul.testing import quadratic_steps_to_tolerance
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -240,30 +241,8 @@ def test_bad_hyper_parameters_are_rejected(bad):
 N, TOL = 20, 1e-6
 
 
-def _steps_to_tolerance(kind: str, lr: float, curvature: torch.Tensor, x0: torch.Tensor, max_steps: int) -> int:
-    """Steps until f(x) <= TOL * f(x0) for f = 1/2 sum d_i x_i^2 (max_steps when never)."""
-    x = torch.nn.Parameter(x0.clone())
-    if kind == "sophia":
-        opt = SophiaG([x], lr=lr, weight_decay=0.0, foreach=False)
-    elif kind == "adamw":
-        opt = torch.optim.AdamW([x], lr=lr, weight_decay=0.0)
-    else:
-        opt = torch.optim.SGD([x], lr=lr)
-    f0 = 0.5 * float((curvature * x0**2).sum())
-    for t in range(max_steps):
-        loss = 0.5 * (curvature * x**2).sum()
-        if float(loss.detach()) <= TOL * f0:
-            return t
-        if kind == "sophia" and opt.hessian_due():
-            opt.update_hessian(estimates={x: curvature.clone()})  # the exact diagonal
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return max_steps
-
-
 def _best(kind: str, grid: list[float], curvature: torch.Tensor, x0: torch.Tensor, max_steps: int) -> int:
-    return min(_steps_to_tolerance(kind, lr, curvature, x0, max_steps) for lr in grid)
+    return min(quadratic_steps_to_tolerance(kind, lr, curvature, x0, tol=TOL, max_steps=max_steps) for lr in grid)
 
 
 def test_sophia_on_an_ill_conditioned_diagonal_quadratic():
