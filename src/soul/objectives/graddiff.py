@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from soul.objectives.base import Objective, ObjectiveOutput
-from soul.objectives.terms import logits_of, mean_answer_nll
+from soul.objectives.terms import logits_of, mean_answer_nll, retain_nll_term
 
 
 class GradDiff(Objective):
@@ -24,7 +24,5 @@ class GradDiff(Objective):
         loss = -self.gamma * forget_nll
         parts = {"forget_nll": forget_nll.item()}
         if self.needs_retain:
-            retain_nll = mean_answer_nll(logits_of(model, retain_batch), retain_batch["labels"], "retain batch")
-            loss = loss + self.alpha * retain_nll
-            parts["retain_nll"] = retain_nll.item()
+            loss = loss + self.alpha * retain_nll_term(model, retain_batch, parts)
         return ObjectiveOutput(loss, parts)

@@ -16,7 +16,12 @@ from typing import ClassVar
 import torch.nn.functional as F
 
 from soul.objectives.base import Objective, ObjectiveOutput
-from soul.objectives.terms import answer_logprob, logits_of, mean_answer_nll, reference_logits
+from soul.objectives.terms import (
+    answer_logprob,
+    logits_of,
+    reference_logits,
+    retain_nll_term,
+)
 
 
 class NPO(Objective):
@@ -34,7 +39,5 @@ class NPO(Objective):
         parts = {"npo": npo.item(), "forget_nll": (-logp / count).mean().item(),
                  "forget_logratio": log_ratio.mean().item()}
         if self.needs_retain:
-            retain_nll = mean_answer_nll(logits_of(model, retain_batch), retain_batch["labels"], "retain batch")
-            loss = loss + self.alpha * retain_nll
-            parts["retain_nll"] = retain_nll.item()
+            loss = loss + self.alpha * retain_nll_term(model, retain_batch, parts)
         return ObjectiveOutput(loss, parts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from soul.objectives.base import Objective, ObjectiveOutput
-from soul.objectives.terms import logits_of, mean_answer_nll
+from soul.objectives.terms import logits_of, mean_answer_nll, retain_nll_term
 
 
 class RefusalPO(Objective):
@@ -27,7 +27,5 @@ class RefusalPO(Objective):
         loss = self.gamma * refusal_nll
         parts = {"refusal_nll": refusal_nll.item()}
         if self.needs_retain:
-            retain_nll = mean_answer_nll(logits_of(model, retain_batch), retain_batch["labels"], "retain batch")
-            loss = loss + self.alpha * retain_nll
-            parts["retain_nll"] = retain_nll.item()
+            loss = loss + self.alpha * retain_nll_term(model, retain_batch, parts)
         return ObjectiveOutput(loss, parts)

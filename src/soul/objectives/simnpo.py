@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 
 from soul.objectives.base import Objective, ObjectiveOutput
-from soul.objectives.terms import answer_logprob, logits_of, mean_answer_nll
+from soul.objectives.terms import answer_logprob, logits_of, retain_nll_term
 
 
 class SimNPO(Objective):
@@ -33,7 +33,5 @@ class SimNPO(Objective):
         loss = self.gamma * simnpo
         parts = {"simnpo": simnpo.item(), "forget_nll": (-mean_logp).mean().item()}
         if self.needs_retain:
-            retain_nll = mean_answer_nll(logits_of(model, retain_batch), retain_batch["labels"], "retain batch")
-            loss = loss + self.alpha * retain_nll
-            parts["retain_nll"] = retain_nll.item()
+            loss = loss + self.alpha * retain_nll_term(model, retain_batch, parts)
         return ObjectiveOutput(loss, parts)

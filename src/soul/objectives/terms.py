@@ -27,15 +27,20 @@ def reference_logits(ref_model: torch.nn.Module, batch: Mapping[str, Any]) -> to
         return logits_of(ref_model, batch).detach()
 
 
+def _check_answers(count: torch.Tensor, role: str) -> None:
+    """A sequence without answer tokens has nothing to raise or lower: an error naming its rows."""
+    empty = (count == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{role}: row(s) {empty} have no answer tokens (every label after position 0 is -100)")
+
+
 def answer_logprob(logits: torch.Tensor, labels: torch.Tensor, role: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence summed log p(answer | prompt), [B], and the answer length |y| in tokens, [B].
 
     A sequence without answer tokens has no likelihood to raise or lower; it is an error, naming its row.
     """
     total, count = sequence_logprob(logits, labels.to(logits.device))
-    empty = (count == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"{role}: row(s) {empty} have no answer tokens (every label after position 0 is -100)")
+    _check_answers(count, role)
     return total, count
 
 
@@ -45,6 +50,14 @@ def mean_answer_nll(logits: torch.Tensor, labels: torch.Tensor, role: str) -> to
     return (-total / count).mean()
 
 
+def retain_nll_term(model: torch.nn.Module, retain_batch: Mapping[str, Any], parts: dict[str, float]) -> torch.Tensor:
+    """NLL(retain) of `model`, the retain term every retain-regularised objective adds (times α); recorded
+    in `parts` as ``retain_nll``."""
+    retain_nll = mean_answer_nll(logits_of(model, retain_batch), retain_batch["labels"], "retain batch")
+    parts["retain_nll"] = retain_nll.item()
+    return retain_nll
+
+
 def mean_answer_kl(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, role: str) -> torch.Tensor:
     """KL(p_ref ‖ p_θ) on answer tokens: Σ_v p_ref(v)·(log p_ref(v) − log p_θ(v)) at every position that
     predicts an answer token, averaged over a sequence's answer positions, then over the batch.
@@ -52,9 +65,7 @@ def mean_answer_kl(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch
     labels = labels.to(logits.device)
     mask = labels[:, 1:] != IGNORE_INDEX
     count = mask.sum(-1)
-    empty = (count == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"{role}: row(s) {empty} have no answer tokens (every label after position 0 is -100)")
+    _check_answers(count, role)
     log_q = F.log_softmax(logits[:, :-1, :].float(), dim=-1)
     log_p = F.log_softmax(ref_logits[:, :-1, :].to(logits.device).float(), dim=-1)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
