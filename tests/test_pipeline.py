@@ -100,21 +100,9 @@ def test_hashes_see_content_not_layout(tmp_path, llama):
 BOUNDED = re.compile(r"Prob|ROUGE|Truth_Ratio|truth_ratio|quality|utility|^mia_|memorization|extraction")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run several times faster on one thread (no thread hand-offs, no oversubscription on a
-    shared CI machine): 18 s instead of over a minute for the pipeline on a busy 2-core box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 @pytest.mark.smoke
-def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, one_thread):
+def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     """The whole `tiny` preset: every file written, every number finite and in range, forget quality
     against the retain model (checked against a recomputation), equal step budgets, cached reruns."""
     from scipy.stats import ks_2samp

@@ -20,16 +20,6 @@ TASK_COLUMNS = {
 RUNS = ["target", *(f"{o}-{p}" for o in ("graddiff", "po", "npo") for p in ("adamw", "sophia")), "influence"]
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
@@ -173,7 +163,7 @@ def _check_report(out, task):
     return {name: json.loads((out / "eval" / f"{name}.json").read_text()) for name in RUNS}
 
 
-def test_tiny_copyright_end_to_end(tmp_path, monkeypatch, one_thread):
+def test_tiny_copyright_end_to_end(tmp_path, monkeypatch):
     from soul.eval.copyright import bleu
 
     monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
@@ -194,7 +184,7 @@ def test_tiny_copyright_end_to_end(tmp_path, monkeypatch, one_thread):
         assert ev["forget_bleu"]["agg_value"] == pytest.approx(sum(v["score"] for v in per.values()) / 3)
 
 
-def test_tiny_detox_end_to_end(tmp_path, monkeypatch, one_thread):
+def test_tiny_detox_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
     pipeline.reproduce(tiny_preset("detox", tmp_path), tmp_path / "r", stream=None)
     evals = _check_report(tmp_path / "r", "detox")
@@ -207,7 +197,7 @@ def test_tiny_detox_end_to_end(tmp_path, monkeypatch, one_thread):
             sum(v["score"] >= 0.5 for v in ev["forget_toxicity"]["value_by_index"].values()) / 4)
 
 
-def test_tiny_wmdp_end_to_end(tmp_path, monkeypatch, one_thread):
+def test_tiny_wmdp_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
     pipeline.reproduce(tiny_preset("wmdp", tmp_path), tmp_path / "r", stream=None)
     evals = _check_report(tmp_path / "r", "wmdp")

@@ -3,18 +3,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared CPU, 2 OpenMP threads contending with other processes make tiny-model generation up to
-    # 100x slower (spin-waiting); one thread keeps these tests at seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 COLOURS = ["red", "blue", "green", "amber", "violet", "teal", "ochre", "silver"]
 CITIES = ["Lisbon", "Oslo", "Lima", "Quito", "Dakar", "Hanoi", "Perth", "Cairo"]

@@ -3,19 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from .objectives_helpers import FORGET, REFUSALS, RETAIN, make_batch, sharp_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared, busy CPU two threads spin-wait and run
-    these tests ~10x slower. Restored afterwards, so other test packages keep the session setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
