@@ -307,7 +307,8 @@ def reference_model(role: str, preset: dict[str, Any], base: str, base_fp: str, 
 # ------------------------------------------------------------------------------------------------- eval
 def _eval_kwargs(preset: dict[str, Any]) -> dict[str, Any]:
     ev = dict(preset.get("eval") or {})
-    return {"batch_size": ev.get("batch_size", 16), "max_new_tokens": ev.get("max_new_tokens", 200),
+    return {"batch_size": ev.get("batch_size", 16), "generation_batch_size": ev.get("generation_batch_size"),
+            "max_new_tokens": ev.get("max_new_tokens", 200),
             "min_k": ev.get("min_k", 0.4),
             "prompt_format": ev.get("prompt_format", preset.get("prompt_format", "auto"))}
 

@@ -7,6 +7,8 @@ import torch
 
 from soul.data.format import encode_qa, pad_batch, prompt_ids
 from soul.eval.scoring import (
+    _prefix_pass,
+    _trie_prefill,
     cut_at_eos,
     generate_batched,
     generate_reference,
@@ -15,8 +17,11 @@ from soul.eval.scoring import (
     score_plain,
     score_prefix_shared,
     score_reference,
+    score_trie_packed,
     supports_prefix_sharing,
+    supports_trie_scoring,
 )
+from soul.eval.trie import pack_tries
 from soul.losses import sequence_logprob
 from soul.testing import tiny_model
 
@@ -190,3 +195,79 @@ def test_greedy_loop_drops_finished_rows_without_changing_the_others(family, rec
     fast = generate_batched(model, tok2, prompts, max_new_tokens=8, batch_size=6)
     assert fast == generate_reference(model, tok2, prompts, max_new_tokens=8)
     assert len({len(tok.encode(x, add_special_tokens=False)) for x in fast}) > 1  # rows ended at different steps
+
+
+def _close(a, b) -> None:
+    assert a.n == b.n and a.hit == b.hit
+    for field in ("logp", "mu", "sigma"):
+        assert getattr(a, field) == pytest.approx(getattr(b, field), abs=1e-4)
+
+
+def _record_forwards(model):
+    """Forward pre-hook recording (input shape, attention-mask rank) of every call."""
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((tuple(kw["input_ids"].shape), kw["attention_mask"].dim())), with_kwargs=True)
+    return calls, hook
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("opt", "eager")])
+def test_trie_scoring_equals_reference_over_several_rows_and_forwards(family, attn, records):
+    model, tok = tiny_model(family)
+    model.set_attn_implementation(attn)
+    assert supports_trie_scoring(model)
+    recs = [dict(r, question=r["question"] + " more" * i) for i, r in enumerate(records)]
+    feats = features(tok, recs)
+    calls, hook = _record_forwards(model)
+    got = score_trie_packed(model, feats, tok.pad_token_id, batch_size=3, row_tokens=40)
+    hook.remove()
+    for a, b in zip(got, score_reference(model, feats, tok.pad_token_id)):
+        _close(a, b)
+    assert len(calls) > 1 and all(rank == 4 for _, rank in calls)  # several forwards, all with tree masks
+    inputs = [f["input_ids"][:-1] for f in feats]
+    assert sum(shape[0] for shape, _ in calls) == len(pack_tries(inputs, max(40, max(map(len, inputs)))))
+
+
+def test_trie_scoring_computes_each_distinct_prefix_once(records):
+    model, tok = tiny_model("llama")
+    feats = features(tok, records)
+    inputs = [f["input_ids"][:-1] for f in feats]  # the last token of a sequence predicts nothing
+    distinct = {tuple(x[:k]) for x in inputs for k in range(1, len(x) + 1)}
+    calls, hook = _record_forwards(model)
+    got = score_trie_packed(model, feats, tok.pad_token_id, batch_size=len(feats), row_tokens=10_000)
+    hook.remove()
+    assert calls == [((1, len(distinct)), 4)]  # one row: the whole trie, no padding, no repeated prefix
+    assert len(distinct) < 0.6 * sum(map(len, inputs))  # what sharing saves on these templated answers
+    for a, b in zip(got, score_plain(model, feats, tok.pad_token_id, batch_size=4)):
+        _close(a, b)
+
+
+def test_models_without_tree_masks_fall_back_to_two_dimensional_masks(records):
+    model, tok = tiny_model("llama")
+    model.config._attn_implementation = "flash_attention_2"  # takes no arbitrary mask (not run here)
+    assert not supports_trie_scoring(model)
+    model.config._attn_implementation = "sdpa"
+    model.config.sliding_window = 4  # shorter than the sequences: a tree mask would drop the window
+    feats = features(tok, records)
+    calls, hook = _record_forwards(model)
+    got = score_batched(model, feats, tok.pad_token_id, batch_size=4)
+    hook.remove()
+    assert calls and all(rank == 2 for _, rank in calls)  # not the tree path
+    for a, b in zip(got, score_reference(model, feats, tok.pad_token_id)):
+        _close(a, b)
+
+
+def test_trie_prefill_equals_one_padded_pass(records):
+    model, tok = tiny_model("llama")
+    # prompts with a long common start (like a chat system prompt), different lengths, one a prefix of another
+    start = prompt_ids(tok, "You are a helpful assistant who answers briefly.")
+    prompts = [start + prompt_ids(tok, r["question"] + " more" * i) for i, r in enumerate(records)] + [start[:-2]]
+    with torch.inference_mode():
+        mask_a, layers_a = _trie_prefill(model, prompts, tok.pad_token_id, "past_key_values", batch_size=2)
+        mask_b, layers_b = _prefix_pass(model, prompts, tok.pad_token_id, "past_key_values", True)
+    assert torch.equal(mask_a, mask_b)
+    real = mask_b.bool()
+    for (ka, va), (kb, vb) in zip(layers_a, layers_b):
+        assert ka.shape == kb.shape
+        for a, b in ((ka, kb), (va, vb)):
+            assert torch.allclose(a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5)

@@ -94,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     results = evaluate(model, tokenizer, splits, retain_reference=reference, holdout=holdout,
                        prompt_format=args.prompt_format, batch_size=args.batch_size,
+                       generation_batch_size=args.generation_batch_size,
                        max_new_tokens=args.max_new_tokens, min_k=args.min_k)
     results["meta"].update({"model": str(args.model), "data": str(args.data), "forget_split": forget_name})
     if args.lm_eval:
@@ -123,7 +124,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "statistics are computed once and cached, for forget quality and PrivLeak")
     ref.add_argument("--retain-results", help="a retain model's saved `soul eval` results JSON, as reference")
     p.add_argument("--out", help="results JSON (written atomically); required")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per scoring forward pass")
+    p.add_argument("--generation-batch-size", type=int, default=None,
+                   help="rows per greedy decoding step (default: 2 × --batch-size)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"])
     p.add_argument("--min-k", type=float, default=0.4, help="fraction k of Min-K%% and Min-K%%++")

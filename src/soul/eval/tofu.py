@@ -116,6 +116,7 @@ def evaluate(
     holdout: Sequence[Record] | None = None,
     prompt_format: str = "auto",
     batch_size: int = 16,
+    generation_batch_size: int | None = None,
     max_new_tokens: int = 200,
     min_k: float = 0.4,
     generate: bool = True,
@@ -143,6 +144,12 @@ def evaluate(
       (members) vs holdout (non-members) answers; 1.0 = forget set recognised as training data, 0.5 = chance.
       ``privleak`` = (AUC_model − AUC_retain) / AUC_retain × 100 on ``mia_min_k`` when the reference has it.
     * ``exact_memorization``, ``extraction_strength``: forget answers, see `soul.eval.metrics`.
+
+    `batch_size` is the number of sequences a scoring forward pass holds (or, packed into prefix trees, the
+    tokens of that many); `generation_batch_size` (default ``2 × batch_size``) the rows of a greedy decoding
+    step. A decoding step computes one token per row, so it holds far less than a scoring pass, and it is
+    bound by reading the weights rather than by arithmetic: on the 2-core CPU, a SmolLM2-135M step took
+    72 ms for 1 row, 118 ms for 16 and 139 ms for 32.
 
     `implementation` is "batched" (fast: prompts shared across answers, batched greedy loop), "batched_plain"
     (batches without prompt sharing) or "reference" (one sequence at a time; the test oracle).
@@ -179,7 +186,8 @@ def evaluate(
     if generate:
         gen_keys = [(role, i) for role in roles if role != "holdout" for i in range(len(roles[role][1]))]
         prompts = [pool.prompt(roles[role][1][i]["question"]) for role, i in gen_keys]
-        texts = generate_fn(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        texts = generate_fn(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                            batch_size=generation_batch_size or 2 * batch_size)
         gens = dict(zip(gen_keys, texts))
 
     results: dict[str, Any] = {}
@@ -196,6 +204,7 @@ def evaluate(
             _privleak(results, reference)
     results["meta"] = {
         "prompt_format": fmt, "max_new_tokens": max_new_tokens, "min_k": min_k, "implementation": implementation,
+        "batch_size": batch_size, "generation_batch_size": generation_batch_size or 2 * batch_size,
         "splits": {role: {"name": name, "n": len(recs)} for role, (name, recs) in roles.items()},
         "retain_reference": str(retain_reference) if isinstance(retain_reference, str | os.PathLike)
         else ("dict" if reference is not None else None),
