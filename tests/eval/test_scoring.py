@@ -263,7 +263,7 @@ def test_trie_prefill_equals_one_padded_pass(records):
     start = prompt_ids(tok, "You are a helpful assistant who answers briefly.")
     prompts = [start + prompt_ids(tok, r["question"] + " more" * i) for i, r in enumerate(records)] + [start[:-2]]
     with torch.inference_mode():
-        mask_a, layers_a = _trie_prefill(model, prompts, tok.pad_token_id, "past_key_values", batch_size=2)
+        mask_a, layers_a = _trie_prefill(model, prompts, tok.pad_token_id, "past_key_values", True, batch_size=2)
         mask_b, layers_b = _prefix_pass(model, prompts, tok.pad_token_id, "past_key_values", True)
     assert torch.equal(mask_a, mask_b)
     real = mask_b.bool()

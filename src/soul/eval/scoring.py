@@ -315,10 +315,10 @@ def _window(config) -> int | None:
     return getattr(config, "sliding_window", None) or None
 
 
-def _trie_rows(model: torch.nn.Module, seqs: Sequence[Sequence[int]], batch_size: int,
-               row_tokens: int = ROW_TOKENS) -> tuple[list, int]:
-    """`seqs` packed into trie rows (longest first) and the number of rows per forward pass, which holds at
-    most ``batch_size × longest sequence`` tokens, as many as `batch_size` unpacked sequences."""
+def _trie_chunks(model: torch.nn.Module, seqs: Sequence[Sequence[int]], batch_size: int,
+                 row_tokens: int = ROW_TOKENS) -> list[list]:
+    """`seqs` packed into trie rows (longest first), grouped into the rows of each forward pass: at most
+    ``batch_size × longest sequence`` tokens per pass, as many as `batch_size` unpacked sequences hold."""
     from soul.eval.trie import pack_tries
 
     longest = max(len(s) for s in seqs)
@@ -327,7 +327,8 @@ def _trie_rows(model: torch.nn.Module, seqs: Sequence[Sequence[int]], batch_size
         raise _NoPrefixSharing  # the window would cut sequences the trie mask shows whole
     capacity = max(row_tokens, longest)
     rows = sorted(pack_tries(seqs, capacity), key=len, reverse=True)
-    return rows, max(1, batch_size * (longest + 1) // capacity)
+    per_forward = max(1, batch_size * (longest + 1) // capacity)
+    return [rows[start:start + per_forward] for start in range(0, len(rows), per_forward)]
 
 
 def _trie_forward(model: torch.nn.Module, rows: Sequence, pad_token_id: int, **kwargs):
@@ -348,21 +349,18 @@ def _trie_forward(model: torch.nn.Module, rows: Sequence, pad_token_id: int, **k
 
 
 def _trie_prefill(model: torch.nn.Module, prefixes: Sequence[list[int]], pad_token_id: int, cache_kw: str,
-                  batch_size: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+                  takes_logits_to_keep: bool, batch_size: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """`_prefix_pass`'s result (right-padded mask and per-layer (K, V) of each prefix at positions 0, 1, …)
     computed over prefix trees: prefixes sharing a start (a chat system prompt, a template) run it once, and
     each prefix's cache is gathered from the nodes on its path. Pads point at node 0 of the first row: any
     finite value, the mask hides them."""
     device = _model_device(model)
-    rows, per_forward = _trie_rows(model, prefixes, batch_size)
     width_out = max(len(p) for p in prefixes)
     p_mask = torch.zeros((len(prefixes), width_out), dtype=torch.long, device=device)
     layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for start in range(0, len(rows), per_forward):
-        chunk = rows[start:start + per_forward]
+    for chunk in _trie_chunks(model, prefixes, batch_size):
         output = _trie_forward(model, chunk, pad_token_id, use_cache=True,
-                               **({"logits_to_keep": 1} if "logits_to_keep" in
-                                  inspect.signature(model.forward).parameters else {}))
+                               **({"logits_to_keep": 1} if takes_logits_to_keep else {}))
         cache = _cache_tensors(output[cache_kw] if cache_kw in output else output.get("past_key_values"))
         width = cache[0][0].shape[2]
         members = [(i, b, path) for b, row in enumerate(chunk) for i, path in row.paths.items()]
@@ -397,11 +395,10 @@ def score_trie_packed(model: torch.nn.Module, features: Sequence[Feature], pad_t
     for i, f in enumerate(features):
         _check_feature(i, f)
     device = _model_device(model)
-    rows, per_forward = _trie_rows(model, [f["input_ids"][:-1] for f in features], batch_size, row_tokens)
+    chunks = _trie_chunks(model, [f["input_ids"][:-1] for f in features], batch_size, row_tokens)
     out: list[TokenStats | None] = [None] * len(features)
     with torch.inference_mode():
-        for start in range(0, len(rows), per_forward):
-            chunk = rows[start:start + per_forward]
+        for chunk in chunks:
             logits = _trie_forward(model, chunk, pad_token_id, use_cache=False).logits
             # every (row, node, next label) the chunk's features need, each computed once
             pairs: dict[tuple[int, int, int], int] = {}
@@ -533,7 +530,7 @@ def _prefill(model: torch.nn.Module, prefixes: Sequence[list[int]], pad_token_id
     """The prompts' caches over prefix trees where the model takes a tree mask, else one padded pass."""
     if supports_trie_scoring(model):
         try:
-            return _trie_prefill(model, prefixes, pad_token_id, cache_kw, batch_size)
+            return _trie_prefill(model, prefixes, pad_token_id, cache_kw, takes_logits_to_keep, batch_size)
         except _NoPrefixSharing:
             pass
     return _prefix_pass(model, prefixes, pad_token_id, cache_kw, takes_logits_to_keep)

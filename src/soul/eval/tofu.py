@@ -155,6 +155,7 @@ def evaluate(
     (batches without prompt sharing) or "reference" (one sequence at a time; the test oracle).
     """
     score_fn, generate_fn = get_implementation(implementation)
+    gen_batch = generation_batch_size or 2 * batch_size
     fmt = resolve_format(tokenizer, prompt_format)
     roles: dict[str, tuple[str, Sequence[Record]]] = {}
     named = dict(splits)
@@ -186,8 +187,7 @@ def evaluate(
     if generate:
         gen_keys = [(role, i) for role in roles if role != "holdout" for i in range(len(roles[role][1]))]
         prompts = [pool.prompt(roles[role][1][i]["question"]) for role, i in gen_keys]
-        texts = generate_fn(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                            batch_size=generation_batch_size or 2 * batch_size)
+        texts = generate_fn(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=gen_batch)
         gens = dict(zip(gen_keys, texts))
 
     results: dict[str, Any] = {}
@@ -204,7 +204,7 @@ def evaluate(
             _privleak(results, reference)
     results["meta"] = {
         "prompt_format": fmt, "max_new_tokens": max_new_tokens, "min_k": min_k, "implementation": implementation,
-        "batch_size": batch_size, "generation_batch_size": generation_batch_size or 2 * batch_size,
+        "batch_size": batch_size, "generation_batch_size": gen_batch,
         "splits": {role: {"name": name, "n": len(recs)} for role, (name, recs) in roles.items()},
         "retain_reference": str(retain_reference) if isinstance(retain_reference, str | os.PathLike)
         else ("dict" if reference is not None else None),
