@@ -163,12 +163,17 @@ def _check_report(out, task):
     return {name: json.loads((out / "eval" / f"{name}.json").read_text()) for name in RUNS}
 
 
+def _reproduce(preset, tmp_path, monkeypatch, task):
+    """Run `preset` end to end with a fresh cache and return the per-model evaluations of its checked report."""
+    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
+    pipeline.reproduce(preset, tmp_path / "r", stream=None)
+    return _check_report(tmp_path / "r", task)
+
+
 def test_tiny_copyright_end_to_end(tmp_path, monkeypatch):
     from soul.eval.copyright import bleu
 
-    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
-    pipeline.reproduce("tiny-copyright", tmp_path / "r", stream=None)
-    evals = _check_report(tmp_path / "r", "copyright")
+    evals = _reproduce("tiny-copyright", tmp_path, monkeypatch, "copyright")
     assert len(list((tmp_path / "cache" / "finetuned").iterdir())) == 1  # the optional fine-tune stage ran
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     ex = results["runs"][0]["examples"]
@@ -185,9 +190,7 @@ def test_tiny_copyright_end_to_end(tmp_path, monkeypatch):
 
 
 def test_tiny_detox_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
-    pipeline.reproduce(tiny_preset("detox", tmp_path), tmp_path / "r", stream=None)
-    evals = _check_report(tmp_path / "r", "detox")
+    evals = _reproduce(tiny_preset("detox", tmp_path), tmp_path, monkeypatch, "detox")
     for ev in evals.values():
         per = ev["retain_answer_prob"]["value_by_index"]
         assert len(per) == 4
@@ -198,9 +201,7 @@ def test_tiny_detox_end_to_end(tmp_path, monkeypatch):
 
 
 def test_tiny_wmdp_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
-    pipeline.reproduce(tiny_preset("wmdp", tmp_path), tmp_path / "r", stream=None)
-    evals = _check_report(tmp_path / "r", "wmdp")
+    evals = _reproduce(tiny_preset("wmdp", tmp_path), tmp_path, monkeypatch, "wmdp")
     for ev in evals.values():
         per = ev["forget_mc_accuracy"]["value_by_index"]
         for item in per.values():  # oracle: accuracy = (argmax of the choice log-likelihoods == answer)
