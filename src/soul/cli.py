@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "soul.train.cli",
     "soul.eval.cli",
     "soul.report.cli",
+    "soul.attack.cli",
 ]
 
 
