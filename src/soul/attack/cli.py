@@ -72,12 +72,11 @@ def _cli_message(message: str) -> str:
         key = m.group(1)
         return _OPTION_NAMES.get(key, f"--{key.replace('_', '-')}")
 
-    return re.sub(r"attacks\.(?:relearn|quantize|paraphrase)\.(\w+)", option, message).replace(
-        "attacks.", "--")
+    return re.sub(r"attacks\.(?:(?:relearn|quantize|paraphrase)\.)?(\w+)", option, message)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from soul.attack.run import normalize_config
+    from soul.attack.run import check_inputs, normalize_config
     from soul.cli import CLIError
 
     out = check_out(args.out)
@@ -95,20 +94,22 @@ def _run(args: argparse.Namespace) -> int:
         cfg = normalize_config(cfg)
     except ValueError as err:
         raise CLIError(_cli_message(str(err))) from None
-    for option, name in (("--model", args.model), ("--target", args.target), ("--retain", args.retain)):
+    if args.eval_batch_size < 1:
+        raise CLIError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
+    if not args.model:
+        raise CLIError("--model is required (the unlearned model to attack)")
+    for option, name in (("--model", args.model), ("--target", args.target), ("--retain", getattr(args, "retain", None))):
         _check_model(option, name)
-    if args.attack_command == "quantize" and args.retain:
-        print("soul attack: note: --retain is not used by the quantization attack", file=sys.stderr)
     forget = _load_forget(args.data, args.forget_split)
+    check_inputs(cfg, {args.forget_split: forget}, args.forget_split)  # e.g. one author only: fail before loading
 
     from soul.attack.run import run_attacks
     from soul.io import write_json_atomic
     from soul.models import load_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    references = {role: path for role, path in (("target", args.target), ("retain", args.retain)) if path}
-    if args.attack_command == "quantize":
-        references.pop("retain", None)
+    references = {role: path for role, path in (("target", args.target), ("retain", getattr(args, "retain", None)))
+                  if path}
     eval_kwargs = {"batch_size": args.eval_batch_size, "prompt_format": args.prompt_format,
                    "max_new_tokens": args.max_new_tokens or 200}
     result = run_attacks(model, tokenizer, attacks_cfg=cfg, data={args.forget_split: forget},

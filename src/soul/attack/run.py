@@ -198,6 +198,14 @@ class _Plan:
                                              sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def check_inputs(attacks_cfg, data, forget_split: str = "forget10") -> dict[str, Any]:
+    """Check the configuration and the forget split for the configured attacks (two authors for relearning,
+    paraphrased questions for the probe) before any model is loaded; returns the normalised configuration."""
+    cfg = normalize_config(attacks_cfg)
+    _Plan(cfg, forget_records(data, forget_split), eval_options(cfg, None), forget_split)
+    return cfg
+
+
 def _attack_model(model, tokenizer, plan: _Plan, role: str) -> dict[str, Any]:
     """Every configured attack's numbers for one model (`role` "unlearned", "target" or "retain")."""
     from soul.attack.metrics import forget_metrics, summary
