@@ -107,12 +107,16 @@ def forget_metrics(model, tokenizer, records: Sequence[dict], *, question_key: s
             row["generation"] = gens[i]
         per_question.append(row)
 
+    return {**aggregate(per_question), "per_question": per_question}
+
+
+def aggregate(per_question: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``{"prob", "rouge", "truth_ratio", "n"}``: the means of per-question rows (None for a metric none has)."""
     def mean(name: str) -> float | None:
         values = [q[name] for q in per_question if name in q]
         return sum(values) / len(values) if values else None
 
-    return {"prob": mean("prob"), "rouge": mean("rouge"), "truth_ratio": mean("truth_ratio"), "n": len(records),
-            "per_question": per_question}
+    return {"prob": mean("prob"), "rouge": mean("rouge"), "truth_ratio": mean("truth_ratio"), "n": len(per_question)}
 
 
 def recovery(after: float | None, unlearned: float | None, target: float | None, *,

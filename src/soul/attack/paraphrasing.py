@@ -30,12 +30,14 @@ def paraphrased_records(records: Sequence[dict], where: str = "forget split") ->
     return [records[i] for i in keep], keep
 
 
-def paraphrase_original_and_reworded(model, tokenizer, records: Sequence[dict], *,
-                                     eval_opts: dict[str, Any]) -> dict[str, Any]:
-    """Forget metrics of `model` on `records` asked with the original and with the paraphrased question."""
+def paraphrase_original_and_reworded(model, tokenizer, records: Sequence[dict], *, eval_opts: dict[str, Any],
+                                     original: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Forget metrics of `model` on `records` asked with the original and with the paraphrased question
+    (`original`: the first, when the caller has it)."""
     from soul.attack.metrics import forget_metrics, summary
 
-    original = forget_metrics(model, tokenizer, records, **eval_opts)
+    if original is None:
+        original = forget_metrics(model, tokenizer, records, **eval_opts)
     reworded = forget_metrics(model, tokenizer, records, question_key=QUESTION_KEY, **eval_opts)
     return {"original": summary(original), "paraphrased": summary(reworded),
             "examples": [{"question": r[QUESTION_KEY], "answer": r["answer"], "generation": q.get("generation")}

@@ -18,7 +18,8 @@ row means one group per row (per-channel quantization).
 Why fake quantization and not a library: the forget metrics depend only on the values ŵ the model computes
 with, and an integer kernel computes with exactly these (up to the order of float accumulation), so the
 metrics are those of the quantized model. Checked on this machine (torch 2.13 CPU): optimum-quanto 0.2.7
-installs, its int8 weights agree with ours per channel, but its first int4 forward spent 46 s compiling a
+installs and its dequantized int8 weights (per-channel absmax) are identical to ours with ``symmetric=True``
+and one group per row (0 steps apart on a tiny Llama), but its first int4 forward spent 46 s compiling a
 C++ extension (it needs a compiler at run time) and it offers 2/4/8 bits only; torchao 0.18's compiled
 kernels did not load against this torch and its CPU int4 path needs bf16 and special layouts; bitsandbytes
 needs a GPU. Fake quantization keeps the model a plain transformers model, so the fast scoring paths of

@@ -92,11 +92,17 @@ def relearned_copy(model, tokenizer, records: Sequence[dict], *, steps: int, lr:
 
 
 def relearn_before_after(model, tokenizer, relearn_records: Sequence[dict], heldout_records: Sequence[dict], *,
-                         cfg: dict[str, Any], eval_opts: dict[str, Any]) -> dict[str, Any]:
-    """Held-out forget metrics of `model` before and after relearning (`relearned_copy`) on `relearn_records`."""
+                         cfg: dict[str, Any], eval_opts: dict[str, Any],
+                         before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Held-out forget metrics of `model` before and after relearning (`relearned_copy`) on `relearn_records`.
+
+    `before` (a `forget_metrics` result of `model` on `heldout_records`, when the caller has it) saves one
+    evaluation.
+    """
     from soul.attack.metrics import forget_metrics, summary
 
-    before = forget_metrics(model, tokenizer, heldout_records, **eval_opts)
+    if before is None:
+        before = forget_metrics(model, tokenizer, heldout_records, **eval_opts)
     attacked = relearned_copy(model, tokenizer, relearn_records, steps=cfg["steps"], lr=cfg["lr"],
                               batch_size=cfg["batch_size"], seed=cfg["seed"], optimizer=cfg["optimizer"],
                               prompt_format=eval_opts.get("prompt_format", "auto"),

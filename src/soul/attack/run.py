@@ -188,12 +188,13 @@ class _Plan:
             self.split = split_relearn(forget, heldout_fraction=rc["heldout_fraction"], seed=rc["seed"],
                                        questions_per_author=rc["questions_per_author"])
             self.relearn_records = [forget[i] for i in self.split.relearn]
-            self.heldout_records = _cap([forget[i] for i in self.split.heldout], cfg["max_questions"])
+            self.heldout_indices = self.split.heldout[:cfg["max_questions"] or None]
+            self.heldout_records = [forget[i] for i in self.heldout_indices]
         if "paraphrase" in cfg:
             records, indices = paraphrased_records(forget, f"split {forget_split!r}")
             self.para_records = _cap(records, cfg["max_questions"])
             self.para_indices = indices[:len(self.para_records)]
-        self.quant_records = _cap(forget, cfg["max_questions"])
+        self.forget_eval = _cap(forget, cfg["max_questions"])  # the quantization attack's questions
         self.key = hashlib.sha256(json.dumps({"cfg": cfg, "eval": eval_opts, "forget": forget},
                                              sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -206,8 +207,23 @@ def check_inputs(attacks_cfg, data, forget_split: str = "forget10") -> dict[str,
     return cfg
 
 
+def _subset(base: dict[str, Any], indices: Sequence[int]) -> dict[str, Any] | None:
+    """`base` (metrics of the capped forget set) restricted to `indices`, or None when one lies outside it."""
+    from soul.attack.metrics import aggregate
+
+    rows = base["per_question"]
+    if any(i >= len(rows) for i in indices):
+        return None
+    picked = [rows[i] for i in indices]
+    return {**aggregate(picked), "per_question": picked}
+
+
 def _attack_model(model, tokenizer, plan: _Plan, role: str) -> dict[str, Any]:
-    """Every configured attack's numbers for one model (`role` "unlearned", "target" or "retain")."""
+    """Every configured attack's numbers for one model (`role` "unlearned", "target" or "retain").
+
+    The model's metrics on the forget set (original questions) are computed once and serve as the "before"
+    of every attack whose questions they cover.
+    """
     from soul.attack.metrics import forget_metrics, summary
     from soul.attack.paraphrasing import paraphrase_original_and_reworded
     from soul.attack.quantization import quantized_copy
@@ -215,27 +231,30 @@ def _attack_model(model, tokenizer, plan: _Plan, role: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     cfg, opts = plan.cfg, plan.eval_opts
-    if "relearn" in cfg and role in ("unlearned", "target", "retain"):
+    base = forget_metrics(model, tokenizer, plan.forget_eval, **opts)
+    if "relearn" in cfg:
         started = time.time()
         out["relearn"] = relearn_before_after(model, tokenizer, plan.relearn_records, plan.heldout_records,
-                                              cfg=cfg["relearn"], eval_opts=opts)
+                                              cfg=cfg["relearn"], eval_opts=opts,
+                                              before=_subset(base, plan.heldout_indices))
         out["relearn"]["wall_time_s"] = time.time() - started
     if "quantize" in cfg and role in ("unlearned", "target"):
         started = time.time()
         qc = cfg["quantize"]
-        before = summary(forget_metrics(model, tokenizer, plan.quant_records, **opts))
+        before = summary(base)
         by_bits = {}
         for bits in qc["bits"]:
             quantized, info = quantized_copy(model, bits, qc["group_size"], symmetric=qc["symmetric"],
                                              include_embeddings=qc["include_embeddings"])
             by_bits[str(bits)] = {"before": before, "after": summary(forget_metrics(quantized, tokenizer,
-                                                                                    plan.quant_records, **opts)),
+                                                                                    plan.forget_eval, **opts)),
                                   "quantized": info}
             del quantized
         out["quantize"] = {"by_bits": by_bits, "wall_time_s": time.time() - started}
-    if "paraphrase" in cfg and role in ("unlearned", "target", "retain"):
+    if "paraphrase" in cfg:
         started = time.time()
-        out["paraphrase"] = paraphrase_original_and_reworded(model, tokenizer, plan.para_records, eval_opts=opts)
+        out["paraphrase"] = paraphrase_original_and_reworded(model, tokenizer, plan.para_records, eval_opts=opts,
+                                                             original=_subset(base, plan.para_indices))
         out["paraphrase"]["wall_time_s"] = time.time() - started
     return out
 
@@ -372,7 +391,7 @@ def _quantize_result(plan: _Plan, mine: dict, target: dict | None) -> dict[str, 
         if ref is not None:
             models["target"] = {"before": ref["before"], "after": ref["after"]}
         by_bits[bits] = {"models": models, "recovery": rec, "target_shift": shift, "quantized": run["quantized"]}
-    return {"config": plan.cfg["quantize"], "n": len(plan.quant_records), "by_bits": by_bits, "notes": notes,
+    return {"config": plan.cfg["quantize"], "n": len(plan.forget_eval), "by_bits": by_bits, "notes": notes,
             "wall_time_s": mine["wall_time_s"]}
 
 
