@@ -135,6 +135,7 @@ def test_columns_rows_and_recovery_plot():
     assert target["relearn_recovery_prob"] is None and target["quant4_recovery_prob"] == 0.01
     grid = [*rows[:2]] + [{**unl, "objective": o, "optimizer": p, "relearn_recovery_prob": 0.2 * i}
                           for i, (o, p) in enumerate([("graddiff", "adamw"), ("graddiff", "sophia"), ("npo", "sophia")])]
+    grid.append({**unl, "role": "influence", "objective": None, "optimizer": None})
     png = recovery_plot(grid)
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     with pytest.raises(ValueError, match="no prob recovery"):

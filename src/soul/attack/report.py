@@ -51,8 +51,9 @@ def result_bits(result: dict[str, Any]) -> list[int]:
 def row_values(result: dict[str, Any], role: str = "unlearned") -> dict[str, float | None]:
     """The robustness column values of one table row from a `run_attacks` result.
 
-    `role` "unlearned" reads the unlearned model's figures; "retain" and "target" read the references'
-    (the same in every result of a grid, so any one result will do).
+    `role` "unlearned" reads the attacked model's figures (use it for every unlearned model, one-shot
+    influence included); "retain" and "target" read the references' (the same in every result of a grid,
+    so any one result will do).
     """
     if role not in ("unlearned", "target", "retain"):
         raise ValueError(f"role must be 'unlearned', 'target' or 'retain', got {role!r}")
@@ -81,14 +82,14 @@ def _panel_title(attack: str) -> str:
     return {"relearn": "Relearning (held-out authors)", "paraphrase": "Paraphrased questions"}.get(attack, attack)
 
 
-_PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
+_PALETTE = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]  # green: the retain line
 
 
 def recovery_plot(rows: Sequence[dict[str, Any]], metric: str = "prob", title: str | None = None) -> bytes:
     """PNG bytes: one panel per attack in `rows`, bars of recovery per objective, one bar per optimizer.
 
     `rows` are table rows (``role``, ``objective``, ``optimizer`` and the `row_values` keys). Unlearned rows
-    give the bars; the retain row's relearning baseline is drawn as a dashed line in the relearn panel.
+    (and one-shot influence, as an objective of its own) give the bars; the retain row's relearning baseline is drawn as a dashed line in the relearn panel.
     Reference lines at 0 (the unlearned level) and 1 (the target's). Missing values leave a gap.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -101,7 +102,9 @@ def recovery_plot(rows: Sequence[dict[str, Any]], metric: str = "prob", title: s
     suffix = f"_recovery_{metric}"
     keys = sorted({k for r in rows for k, v in r.items() if k.endswith(suffix) and v is not None},
                   key=lambda k: (0 if k.startswith("relearn") else 2 if k.startswith("paraphrase") else 1, k))
-    unlearned = [r for r in rows if r.get("role", "unlearned") == "unlearned"]
+    # Unlearned runs, and one-shot influence as an objective of its own with a "one-shot" optimizer.
+    unlearned = [{**r, "objective": r.get("objective") or "influence", "optimizer": r.get("optimizer") or "one-shot"}
+                 for r in rows if r.get("role", "unlearned") in ("unlearned", "influence")]
     if not keys or not unlearned:
         raise ValueError(f"no {metric} recovery figures in the rows: run attacks on the unlearned models first")
     objectives = list(dict.fromkeys(r.get("objective") for r in unlearned))
@@ -127,12 +130,18 @@ def recovery_plot(rows: Sequence[dict[str, Any]], metric: str = "prob", title: s
         if key.startswith("relearn") and baseline is not None and math.isfinite(baseline):
             ax.axhline(baseline, color="tab:green", linestyle="--", linewidth=1.2, label="retain model (from scratch)")
         ax.set_xticks(range(len(objectives)))
-        ax.set_xticklabels([OBJECTIVE_NAMES.get(str(o), str(o)) for o in objectives], rotation=20)
+        ax.set_xticklabels([OBJECTIVE_NAMES.get(str(o), "Influence" if o == "influence" else str(o))
+                            for o in objectives], rotation=20)
         ax.set_title(_panel_title(key.removesuffix(suffix)))
         ax.set_ylabel(f"recovery ({'prob.' if metric == 'prob' else 'ROUGE-L'})")
-    axes[0].legend(fontsize=8)
+    handles: dict[str, Any] = {}
+    for ax in axes:  # one legend for the figure, below the panels, so it hides no bar
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
     fig.suptitle(title or "Recovery of the forget set under attack (0 = unlearned, 1 = target)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)), fontsize=8,
+               frameon=False)
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
