@@ -4,6 +4,7 @@ the paraphrase probe, reference reuse, report columns and plot."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -59,10 +60,11 @@ def test_quantization_changes_logprobs_little_at_8_bits_and_much_more_at_2(toy_m
     assert delta[8].mean() < delta[4].mean() < delta[2].mean()
 
 
-def test_quantize_attack_reports_recovery_and_target_noise(toy_models):
+def test_quantize_attack_reports_recovery_and_target_noise(toy_models, tmp_path):
     tok = toy_models["tokenizer"]
     res = attack.quantize(toy_models["unlearned"], tok, data=DATA, references={"target": (toy_models["target"], tok)},
-                          bits=[8, 2], group_size=16, max_new_tokens=6)
+                          bits=[8, 2], group_size=16, max_new_tokens=6, out=tmp_path / "q.json")
+    assert json.loads((tmp_path / "q.json").read_text()) == json.loads(json.dumps(res))
     assert result_bits(res) == [8, 2]
     q8 = res["quantize"]["by_bits"]["8"]
     # 8 bits: the target barely moves (noise well under the unlearning gap), nothing is recovered.

@@ -141,7 +141,9 @@ def test_normalize_config_defaults_and_errors():
            ({"relearn": {"optimiser": "adamw"}}, "unknown option"), ({"jailbreak": {}}, "unknown key"),
            ({"relearn": {"optimizer": "adam"}}, "optimizer"), ({}, "no attack"),
            ({"relearn": {"heldout_fraction": 0}}, "heldout_fraction"), ({"relearn": None, "generate": "yes"},
-                                                                        "generate")]
+                                                                        "generate"),
+           ({"relearn": {"train_options": {"lr": 1.0}}}, "set by the attack"),
+           ({"relearn": {"train_options": {"nonsense": 1}}}, "unknown training option")]
     for cfg, message in bad:
         with pytest.raises(ValueError, match=message):
             normalize_config(cfg)

@@ -23,7 +23,7 @@ def relearn(model, tokenizer=None, **kwargs: Any) -> dict[str, Any]:
     """The relearning attack alone: `run_attacks` with ``attacks_cfg={"relearn": options}``.
 
     Keyword arguments: ``data``, ``forget_split``, ``references``, ``reference_results``, ``eval_kwargs``,
-    ``generate``, ``max_new_tokens``, ``max_questions`` as in `run_attacks`, and the relearn options
+    ``out``, ``generate``, ``max_new_tokens``, ``max_questions`` as in `run_attacks`, and the relearn options
     (``steps``, ``lr``, ``batch_size``, ``seed``, ``optimizer``, ``heldout_fraction``,
     ``questions_per_author``, ``train_options``).
     """
@@ -40,7 +40,7 @@ def paraphrase(model, tokenizer=None, **kwargs: Any) -> dict[str, Any]:
     return _single("paraphrase", model, tokenizer, kwargs)
 
 
-_RUN_KEYS = ("data", "forget_split", "references", "reference_results", "eval_kwargs")
+_RUN_KEYS = ("data", "forget_split", "references", "reference_results", "eval_kwargs", "out")
 _COMMON = ("generate", "max_new_tokens", "max_questions")
 
 

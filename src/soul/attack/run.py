@@ -110,6 +110,14 @@ def normalize_config(attacks_cfg: Mapping[str, Any] | Sequence[str] | None) -> d
                 raise ValueError(f"{where}.heldout_fraction must be a number in (0, 1), got {frac!r}")
             if not isinstance(cfg["train_options"], Mapping):
                 raise ValueError(f"{where}.train_options must be a mapping of training options")
+            from soul.train.config import CONFIG_FIELDS
+
+            options = {str(k).replace("-", "_") for k in cfg["train_options"]}
+            taken = sorted(options & {"max_steps", "lr", "batch_size", "seed", "optimizer", "prompt_format", "split"})
+            if taken:
+                raise ValueError(f"{where}.train_options: {taken} are set by the attack's own options; set them there")
+            if options - CONFIG_FIELDS:
+                raise ValueError(f"{where}.train_options: unknown training option(s) {sorted(options - CONFIG_FIELDS)}")
             from soul.optim.factory import OPTIMIZERS
 
             if cfg["optimizer"] not in OPTIMIZERS:
@@ -311,7 +319,8 @@ def attack_references(references: Mapping[str, Any] | None, tokenizer=None, *, a
 
 def run_attacks(model, tokenizer=None, *, attacks_cfg, data, forget_split: str = "forget10",
                 eval_kwargs: Mapping[str, Any] | None = None, references: Mapping[str, Any] | None = None,
-                reference_results: dict[str, Any] | None = None) -> dict[str, Any]:
+                reference_results: dict[str, Any] | None = None,
+                out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the configured attacks on one unlearned `model` (a path/name, or a loaded model with `tokenizer`).
 
     `data` is a dict of split name → records holding `forget_split` (e.g. the pipeline's data) or a
@@ -319,7 +328,7 @@ def run_attacks(model, tokenizer=None, *, attacks_cfg, data, forget_split: str =
     ``generation_batch_size``, ``max_new_tokens``, ``prompt_format``; ``min_k`` is accepted and unused).
     The target/retain side comes from `reference_results` (`attack_references`' output for the same config
     and data) or, when that is None, is computed here from `references`. Returns the layout in the module
-    doc; the model passed in is never modified.
+    doc (and, with `out`, writes it there atomically as strict JSON); the model passed in is never modified.
     """
     started = time.time()
     cfg = normalize_config(attacks_cfg)
@@ -352,6 +361,10 @@ def run_attacks(model, tokenizer=None, *, attacks_cfg, data, forget_split: str =
         result["paraphrase"] = _paraphrase_result(plan, mine["paraphrase"], target.get("paraphrase"),
                                                   retain.get("paraphrase"))
     result["meta"]["wall_time_s"] = time.time() - started
+    if out is not None:
+        from soul.io import write_json_atomic
+
+        write_json_atomic(out, result)
     return result
 
 
