@@ -118,10 +118,15 @@ def normalize_config(attacks_cfg: Mapping[str, Any] | Sequence[str] | None) -> d
                 raise ValueError(f"{where}.train_options: {taken} are set by the attack's own options; set them there")
             if options - CONFIG_FIELDS:
                 raise ValueError(f"{where}.train_options: unknown training option(s) {sorted(options - CONFIG_FIELDS)}")
-            from soul.optim.factory import OPTIMIZERS
+            from soul.optim.factory import OPTIMIZERS, optimizer_options
 
-            if cfg["optimizer"] not in OPTIMIZERS:
-                raise ValueError(f"{where}.optimizer must be one of {sorted(OPTIMIZERS)}, got {cfg['optimizer']!r}")
+            try:  # the factory knows its names (aliases, "LIBRARY:Class" where supported)
+                optimizer_options(str(cfg["optimizer"]))
+            except KeyError:
+                raise ValueError(f"{where}.optimizer must be one of {sorted(OPTIMIZERS)}, "
+                                 f"got {cfg['optimizer']!r}") from None
+            except ValueError as err:
+                raise ValueError(f"{where}.optimizer: {err}") from None
         if name == "quantize":
             from soul.attack.quantization import MAX_BITS, MIN_BITS
 
