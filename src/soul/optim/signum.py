@@ -19,6 +19,7 @@ unchanged. (The zero ``hessian`` state tensor is the price of sharing Sophia's c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -53,6 +54,15 @@ class Signum(SophiaG):
         # rho = 1 and eps: with h = 0 the denominator is max(|m~|, eps), so the ratio is 1 wherever |m~| > eps.
         super().__init__(params, lr=lr, betas=betas, rho=1.0, weight_decay=weight_decay, eps=1e-12,
                          hessian_interval=1, estimator="gnb", bias_correction=bias_correction, foreach=foreach)
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Sophia's diagnostics less the curvature ones: ``rho`` is not applicable (NaN), ``h_*`` absent."""
+        stats = super().last_stats
+        stats["rho"] = math.nan
+        for key in ("h_mean", "h_max", "hessian_updates"):
+            stats.pop(key, None)
+        return stats
 
     def update_hessian(self, scale: float = 1.0,
                        estimates: Mapping[torch.Tensor, torch.Tensor] | None = None) -> int:

@@ -38,6 +38,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -509,7 +510,10 @@ def run_training(
                         (sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()):
                     output = objective(model, forget_b, retain_b, ref_model)
                     check_finite(step, output.loss, output.parts)
-                    accelerator.backward(output.loss / len(batches), create_graph=create_graph)
+                    with warnings.catch_warnings():
+                        # torch warns of a param <-> grad reference cycle; zero_grad(set_to_none) breaks it.
+                        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+                        accelerator.backward(output.loss / len(batches), create_graph=create_graph)
                 total_loss += output.loss.item() / len(batches)
                 for name, value in output.parts.items():
                     sums[name] = sums.get(name, 0.0) + value / len(batches)
