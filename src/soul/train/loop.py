@@ -20,6 +20,11 @@ averaged over processes by DDP's all-reduce on the last micro-batch only (earlie
 ``accelerator.no_sync``). Then ``accelerator.clip_grad_norm_`` (global norm), ``optimizer.step()`` and the
 scheduler step. When the optimizer is Sophia and ``optimizer.hessian_due()``, the Hessian diagonal is
 estimated first, on the group's forget micro-batches, retain micro-batches, or both (``hessian_batch``).
+The estimate's random draws come from a generator seeded with ``(seed, step, rank)`` and average
+``hessian_samples`` draws. Optimizers that take Hessian-vector products in ``step()`` (`soul.optim.needs_create_graph`)
+get ``backward(create_graph=True)`` under the math attention kernel. Each step's record also has the
+update diagnostics of `soul.train.diagnostics` (``update_norm``, ``update_rms_over_lr``, ``rho``), summarised
+in the run record's ``diagnostics``.
 
 Checkpoints (``accelerator.save_state``: model, optimizer, scheduler, progress, every process's RNG) are
 written to ``<dir>/.tmp-step-N`` and renamed to ``<dir>/step-N`` once every process is done, so a checkpoint
