@@ -67,8 +67,10 @@ class UpdateTracker:
         for p, ref in zip(self.params, reference):
             pieces = zip(p.reshape(-1).split(BUCKET_NUMEL), ref.view(-1).split(BUCKET_NUMEL))
             for p_piece, ref_piece in pieces:
-                diff = p_piece.float() - ref_piece.float()
-                total += diff.square().sum(dtype=torch.float64)
+                # a bucket-sized scratch that stays in cache; low-precision weights are subtracted in fp32
+                diff = (torch.sub(p_piece, ref_piece) if p_piece.dtype == torch.float32
+                        else p_piece.float() - ref_piece.float())
+                total += torch.dot(diff, diff).double()  # one pass, no second scratch (cf. square().sum())
                 if refresh:
                     ref_piece.copy_(p_piece)
         if self.reduce:
