@@ -182,7 +182,7 @@ def optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.betas is not None:
         kwargs["betas"] = tuple(cfg.betas)
-    if cfg.optimizer in ("sophia", "sophiag", "sophia-g"):
+    if str(cfg.optimizer).lower() in ("sophia", "sophiag", "sophia-g"):
         kwargs["hessian_interval"] = cfg.hessian_interval
         kwargs["estimator"] = cfg.estimator
         if cfg.rho is not None:
