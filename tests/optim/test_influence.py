@@ -65,5 +65,42 @@ def test_influence_unlearning_rejects_bad_arguments(trained):
         influence_unlearn(model, forget, retain, hessian="kfac")
     with pytest.raises(ValueError, match="damping must be > 0"):
         influence_unlearn(model, forget, retain, damping=0.0)
+    with pytest.raises(ValueError, match="damping_relative must be > 0"):
+        influence_unlearn(model, forget, retain, damping_relative=-1.0)
+    with pytest.raises(ValueError, match=r"either damping \(absolute\) or damping_relative"):
+        influence_unlearn(model, forget, retain, damping=1.0, damping_relative=0.1)
     with pytest.raises(ValueError, match="no batches to estimate the Hessian on"):
         influence_unlearn(model, forget, [], hessian_data="retain")
+
+
+@pytest.mark.parametrize("hessian", ["fisher", "gnb"])
+def test_relative_damping_gives_a_newton_step_and_huge_damping_gives_ascent(trained, hessian):
+    """Small damping relative to a non-uniform diagonal turns the step away from the gradient; huge
+    damping makes (H + lambda)^-1 ~ 1/lambda, i.e. the plain ascent direction (cosine 1)."""
+    model, forget, retain = trained
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = {}
+    try:
+        for r in (1e-3, 1e4):
+            model.load_state_dict(state)
+            _, stats[r] = influence_unlearn(model, forget, retain, alpha=1e-6, damping_relative=r, hessian=hessian,
+                                            generator=torch.Generator().manual_seed(0))
+            assert stats[r]["damping_absolute"] == pytest.approx(r * stats[r]["h_mean"])
+            assert stats[r]["damping_relative"] == pytest.approx(r)
+    finally:
+        model.load_state_dict(state)
+    assert stats[1e-3]["cosine_with_ascent"] < 0.7  # measured 0.40 (fisher), 0.47 (gnb)
+    assert stats[1e4]["cosine_with_ascent"] > 0.999
+    # the step is alpha * g / (h + lambda): with huge damping exactly alpha |g| / lambda in norm, up to h / lambda
+    big = stats[1e4]
+    assert big["step_norm"] == pytest.approx(1e-6 * big["grad_norm"] / big["damping_absolute"], rel=1e-3)
+
+
+def test_default_damping_is_relative(trained):
+    model, forget, retain = trained
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        _, stats = influence_unlearn(model, forget, retain, alpha=1e-6, generator=torch.Generator().manual_seed(0))
+    finally:
+        model.load_state_dict(state)
+    assert stats["damping_relative"] == pytest.approx(0.1) and 0 < stats["cosine_with_ascent"] < 1

@@ -1,9 +1,16 @@
-"""Second-order optimizers for unlearning: Sophia (GNB / Hutchinson / squared-gradient), the first-order
-baselines through one factory, and one-shot influence unlearning."""
+"""Second-order optimizers for unlearning: Sophia (GNB / Hutchinson / squared-gradient, fixed or
+calibrated rho), its curvature-free ablations (Signum, Lion), first-order baselines and any library optimizer
+through one factory, and one-shot influence unlearning."""
 
 from __future__ import annotations
 
-from soul.optim.factory import OPTIMIZERS, build_optimizer, optimizer_options
+from soul.optim.factory import (
+    OPTIMIZERS,
+    build_optimizer,
+    needs_create_graph,
+    optimizer_options,
+    resolve_optimizer_class,
+)
 from soul.optim.hessian import (
     HESSIAN_ESTIMATORS,
     estimate_hessian,
@@ -13,12 +20,16 @@ from soul.optim.hessian import (
     rademacher_like,
 )
 from soul.optim.influence import influence_unlearn
+from soul.optim.lion import Lion
+from soul.optim.signum import Signum
 from soul.optim.sophia import ESTIMATORS, SophiaG
 
 __all__ = [
     "ESTIMATORS",
     "HESSIAN_ESTIMATORS",
     "OPTIMIZERS",
+    "Lion",
+    "Signum",
     "SophiaG",
     "build_optimizer",
     "estimate_hessian",
@@ -26,6 +37,8 @@ __all__ = [
     "hutchinson_diagonal",
     "influence_unlearn",
     "loss_bearing_tokens",
+    "needs_create_graph",
     "optimizer_options",
     "rademacher_like",
+    "resolve_optimizer_class",
 ]

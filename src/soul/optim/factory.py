@@ -1,13 +1,31 @@
-"""`build_optimizer(name, params, **cfg)`: one factory for every optimizer an objective can be run with."""
+"""`build_optimizer(name, params, **cfg)`: one factory for every optimizer an objective can be run with.
+
+Built in: ``adamw`` and ``sgd`` (torch), ``sophia`` (:class:`SophiaG`), ``signum`` (:class:`Signum`,
+Sophia without curvature) and ``lion`` (:class:`Lion`). Any optimizer class of an installed library is
+reachable as ``"LIBRARY:Class"``: ``torch:SGD`` / ``torch:RAdam`` (``torch.optim``),
+``pytorch_optimizer:SOAP``, ``pytorch_optimizer:AdaHessian`` … (any importable module that exports the class;
+``torch`` means ``torch.optim``). Options are the class's own constructor keywords.
+
+Some optimizers estimate curvature inside ``step()`` from Hessian-vector products of the gradients
+(pytorch_optimizer's AdaHessian and SophiaH): they need the training loss back-propagated with
+``create_graph=True``. :func:`needs_create_graph` tells the training loop so. The signal is, in order:
+a class attribute ``requires_create_graph``; the names in ``CREATE_GRAPH_OPTIMIZERS``; and a ``step`` whose
+source calls ``compute_hutchinson_hessian`` (pytorch_optimizer's helper for that product; the library
+documents the requirement only in docstrings).
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from soul.optim.lion import Lion
+from soul.optim.signum import Signum
 from soul.optim.sophia import SophiaG
 
 
@@ -27,38 +45,127 @@ def _sophia(params: Any, **cfg: Any) -> torch.optim.Optimizer:
     return SophiaG(params, **cfg)
 
 
+def _signum(params: Any, **cfg: Any) -> torch.optim.Optimizer:
+    return Signum(params, **cfg)
+
+
+def _lion(params: Any, **cfg: Any) -> torch.optim.Optimizer:
+    return Lion(params, **cfg)
+
+
 # name -> (builder, the class whose constructor defines the accepted options)
 OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], type]] = {
     "adamw": (_adamw, torch.optim.AdamW),
     "sgd": (_sgd, torch.optim.SGD),
     "sophia": (_sophia, SophiaG),
+    "signum": (_signum, Signum),
+    "lion": (_lion, Lion),
 }
 _ALIASES = {"sophiag": "sophia", "sophia-g": "sophia", "adam_w": "adamw"}
 _EXTRA_OPTIONS = {"sophia": {"gamma"}}
+# Library classes known to need backward(create_graph=True) (see the module docstring for the other signals).
+CREATE_GRAPH_OPTIMIZERS = {("pytorch_optimizer", "AdaHessian"), ("pytorch_optimizer", "SophiaH")}
+_LIBRARY_MODULES = {"torch": "torch.optim"}
+
+
+def is_external(name: str) -> bool:
+    """Whether `name` names a library class (``"LIBRARY:Class"``) rather than a built-in optimizer."""
+    return ":" in str(name)
+
+
+def _split(name: str) -> tuple[str, str]:
+    library, _, cls_name = str(name).partition(":")
+    if not library or not cls_name:
+        raise ValueError(f"optimizer {name!r}: expected 'LIBRARY:Class', e.g. 'torch:SGD' or "
+                         "'pytorch_optimizer:SOAP'")
+    return library, cls_name
+
+
+def _optimizer_classes(module: Any) -> list[str]:
+    return sorted(n for n, v in vars(module).items()
+                  if inspect.isclass(v) and issubclass(v, torch.optim.Optimizer) and not n.startswith("_"))
+
+
+def resolve_optimizer_class(name: str) -> type:
+    """The optimizer class named ``"LIBRARY:Class"`` (``torch`` = ``torch.optim``); clear errors otherwise."""
+    library, cls_name = _split(name)
+    module_name = _LIBRARY_MODULES.get(library, library)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"optimizer {name!r}: the library {library!r} is not installed ({err}); install it "
+                         f"(e.g. pip install {library.replace('_', '-')}) or choose a built-in optimizer: "
+                         f"{sorted(OPTIMIZERS)}") from None
+    cls = getattr(module, cls_name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
+        known = [k for k in _optimizer_classes(module) if k != "Optimizer"]
+        lowered = {k.lower(): k for k in known}
+        close = [lowered[k] for k in difflib.get_close_matches(cls_name.lower(), list(lowered), n=5, cutoff=0.5)]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"optimizer {name!r}: {module_name} has no optimizer class {cls_name!r} (names are "
+                         f"case-sensitive).{hint} Its optimizer classes: {', '.join(known) or 'none found'} "
+                         f"(python -c \"import {module_name} as m; print(dir(m))\" lists everything).")
+    return cls
+
+
+def needs_create_graph(optimizer_or_class: Any) -> bool:
+    """Whether the optimizer computes Hessian-vector products from ``.grad`` in ``step()`` (module docstring)."""
+    cls = optimizer_or_class if inspect.isclass(optimizer_or_class) else type(optimizer_or_class)
+    marker = getattr(cls, "requires_create_graph", None)
+    if marker is not None:
+        return bool(marker)
+    if (cls.__module__.split(".")[0], cls.__name__) in CREATE_GRAPH_OPTIMIZERS:
+        return True
+    try:
+        return "compute_hutchinson_hessian" in inspect.getsource(cls.step)
+    except (OSError, TypeError):
+        return False
 
 
 def optimizer_options(name: str) -> list[str]:
-    """The keyword options `build_optimizer(name, ...)` accepts."""
-    _, cls = OPTIMIZERS[name]
+    """The keyword options `build_optimizer(name, ...)` accepts (for a library class: its constructor's)."""
+    if is_external(name):
+        cls = resolve_optimizer_class(name)
+        return sorted(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                      if p.name not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    _, cls = OPTIMIZERS[_key(name)]
     names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
-    return sorted(set(names) | _EXTRA_OPTIONS.get(name, set()))
+    return sorted(set(names) | _EXTRA_OPTIONS.get(_key(name), set()))
+
+
+def _key(name: str) -> str:
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)} or 'LIBRARY:Class' "
+                         "(e.g. 'torch:SGD', 'pytorch_optimizer:SOAP')")
+    return key
 
 
 def build_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                     **cfg: Any) -> torch.optim.Optimizer:
-    """Build ``adamw`` (torch.optim.AdamW), ``sgd`` (torch.optim.SGD) or ``sophia`` (:class:`SophiaG`).
+    """Build a built-in optimizer (``adamw``, ``sgd``, ``sophia``, ``signum``, ``lion``) or ``LIBRARY:Class``.
 
     ``cfg`` are the constructor's keyword options (``lr``, ``weight_decay``, ``betas``, ...); lists from
-    YAML are turned into tuples for ``betas``. Unknown names and options raise ``ValueError``.
+    YAML are turned into tuples for ``betas``. Unknown names and options raise ``ValueError`` (a library
+    class whose constructor takes ``**kwargs`` gets its options unchecked).
     """
-    key = _ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
+    if isinstance(cfg.get("betas"), list):
+        cfg["betas"] = tuple(cfg["betas"])
+    if is_external(name):
+        cls = resolve_optimizer_class(name)
+        accepts_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+        allowed = optimizer_options(name)
+        unknown = sorted(set(cfg) - set(allowed))
+        if unknown and not accepts_any:
+            raise ValueError(f"unknown option(s) {unknown} for optimizer {name!r}; accepted: {allowed}")
+        try:
+            return cls(params, **cfg)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"optimizer {name!r} rejected its options {sorted(cfg)}: {err}") from err
+    key = _key(name)
     allowed = optimizer_options(key)
     unknown = sorted(set(cfg) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for optimizer {key!r}; accepted: {allowed}")
-    if isinstance(cfg.get("betas"), list):
-        cfg["betas"] = tuple(cfg["betas"])
     builder, _ = OPTIMIZERS[key]
     return builder(params, **cfg)

@@ -7,12 +7,17 @@ the mean cross-entropy of the sampled labels over the :math:`B` loss-bearing tok
 Bartlett's identity :math:`\mathbb E[\nabla\ell_i\nabla\ell_i^\top] = J_i^\top(\mathrm{diag}\,p_i - p_ip_i^\top)J_i`
 and the independent samples make cross-token terms vanish, so :math:`\mathbb E[\hat h]` is the diagonal of
 the Gauss-Newton matrix of the mean loss. Only an ordinary backward is needed (works under DDP/FSDP). The
-gradient is *not* clipped before squaring (that would shrink :math:`h`).
+gradient is *not* clipped before squaring (that would shrink :math:`h`). With ``samples=n`` (TrainConfig
+``hessian_samples``) the estimate averages :math:`n` independent label draws,
+:math:`\hat h = \frac1n\sum_{k=1}^n B\,\hat g_k\odot\hat g_k` (:math:`n` backward passes): the same
+expectation, :math:`1/n` of the variance. On small unlearning batches a single draw is noisy enough to
+inflate :math:`|\tilde m|/\tilde h` severalfold where the draw happens to give a tiny :math:`\hat g_i`.
 
 ``hutchinson`` — :math:`\hat h = u\odot(Hu)` with Rademacher :math:`u\in\{-1,+1\}^d` and :math:`H` the
 Hessian of ``loss_fn(model, batch)`` (default: :func:`soul.losses.answer_nll`), via a double backward.
 :math:`\mathbb E[u\odot Hu] = \mathrm{diag}\,H` since :math:`\mathbb E[u_iu_j]=\delta_{ij}`. Single
-estimates can be negative; the optimizer clamps them at ``eps``. Needs double backward, which sharded
+estimates can be negative; the optimizer clamps them at ``eps``. ``samples=n`` averages :math:`n` vectors
+:math:`u` (and re-runs the forward pass of each micro-batch once per vector). Needs double backward, which sharded
 (FSDP/DTensor) parameters do not provide; the forward runs under the math SDPA kernel because the fused
 attention kernels have no double backward.
 
@@ -139,14 +144,35 @@ class _GradStash:
 
 
 def _gnb(model: torch.nn.Module, batch: Batch | Sequence[Batch], optimizer: Any, *,
-         loss_fn: LossFn | None, generator: torch.Generator | None) -> dict[str, float]:
-    tokens = gnb_backward(model, batch, generator=generator)
-    optimizer.update_hessian(scale=float(tokens))
-    return {"tokens": float(tokens)}
+         loss_fn: LossFn | None, generator: torch.Generator | None, samples: int = 1) -> dict[str, float]:
+    if samples == 1:
+        tokens = gnb_backward(model, batch, generator=generator)
+        optimizer.update_hessian(scale=float(tokens))
+        return {"tokens": float(tokens)}
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    sums: dict[torch.Tensor, torch.Tensor] = {}
+    tokens = 0
+    for _ in range(samples):
+        for p in params:
+            p.grad = None
+        tokens = gnb_backward(model, batch, generator=generator)
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                if p in sums:
+                    sums[p].addcmul_(g, g)
+                else:
+                    sums[p] = g * g
+    with torch.no_grad():
+        estimates = {p: s.mul_(float(tokens) / samples) for p, s in sums.items()}
+    optimizer.update_hessian(estimates=estimates)
+    return {"tokens": float(tokens), "samples": float(samples)}
 
 
 def _hutchinson(model: torch.nn.Module, batch: Batch | Sequence[Batch], optimizer: Any, *,
-                loss_fn: LossFn | None, generator: torch.Generator | None) -> dict[str, float]:
+                loss_fn: LossFn | None, generator: torch.Generator | None, samples: int = 1) -> dict[str, float]:
     if type(model).__name__ in ("FullyShardedDataParallel", "FSDPModule") or hasattr(model, "_fsdp_wrapped_module"):
         raise NotImplementedError("the hutchinson estimator needs a double backward, which FSDP does not "
                                   "support; use estimator='gnb'")
@@ -154,14 +180,15 @@ def _hutchinson(model: torch.nn.Module, batch: Batch | Sequence[Batch], optimize
     batches = [batch] if isinstance(batch, dict) else list(batch)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     total: list[torch.Tensor] | None = None
-    for b in batches:  # micro-batches: average the per-batch HVP estimates
-        # The fused SDPA kernels have no double backward; the math kernel is plain differentiable ops.
-        with sdpa_kernel([SDPBackend.MATH]):
-            loss = loss_fn(model, b)
-        diag = hutchinson_diagonal(loss, params, generator=generator)
-        total = diag if total is None else [t + d for t, d in zip(total, diag)]
+    for _ in range(samples):
+        for b in batches:  # micro-batches (and samples): average the per-batch HVP estimates
+            # The fused SDPA kernels have no double backward; the math kernel is plain differentiable ops.
+            with sdpa_kernel([SDPBackend.MATH]):
+                loss = loss_fn(model, b)
+            diag = hutchinson_diagonal(loss, params, generator=generator)
+            total = diag if total is None else [t + d for t, d in zip(total, diag)]
     assert total is not None
-    estimates = {p: d / len(batches) for p, d in zip(params, total)}
+    estimates = {p: d / (len(batches) * samples) for p, d in zip(params, total)}
     optimizer.update_hessian(estimates=estimates)
     return {"tokens": float(sum(loss_bearing_tokens(b) for b in batches if "labels" in b))}
 
@@ -177,14 +204,19 @@ def estimate_hessian(
     loss_fn: LossFn | None = None,
     *,
     generator: torch.Generator | None = None,
+    samples: int = 1,
 ) -> dict[str, float]:
     """Estimate the diagonal Hessian on `batch` (a batch or a list of micro-batches) and feed it to `optimizer`.
 
+    ``samples`` independent draws (GNB labels, Hutchinson vectors) are averaged into one estimate.
+    ``generator`` (on the model's device) makes the draws reproducible; None uses the global RNG.
     Call it before the step's own forward/backward whenever ``optimizer.hessian_due()``. Gradients present
     in ``.grad`` before the call are put back afterwards (None stays None), so the loop's own backward and
     any gradient accumulation are unaffected. ``estimator`` defaults to the optimizer's ``estimator``.
     Returns ``{"tokens": B}`` (loss-bearing tokens the estimate used on this process or globally for GNB).
     """
+    if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
+        raise ValueError(f"estimate_hessian: samples (hessian_samples) must be an integer >= 1, got {samples!r}")
     if not hasattr(optimizer, "update_hessian"):
         raise TypeError(f"estimate_hessian needs a SophiaG optimizer, got {type(optimizer).__name__}")
     name = estimator or optimizer.defaults.get("estimator", "gnb")
@@ -199,6 +231,7 @@ def estimate_hessian(
     seen.update({id(p): p for g in optimizer.param_groups for p in g["params"]})
     with _GradStash(list(seen.values())):
         try:
-            return HESSIAN_ESTIMATORS[name](model, batch, optimizer, loss_fn=loss_fn, generator=generator)
+            return HESSIAN_ESTIMATORS[name](model, batch, optimizer, loss_fn=loss_fn, generator=generator,
+                                            samples=samples)
         finally:
             model.train(was_training)

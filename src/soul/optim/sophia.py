@@ -30,6 +30,36 @@ refuses to run before the first estimate: an all-zero ``h`` would turn the first
 sign steps). The step counter and the estimate counter live in each param group, so they round-trip through
 ``state_dict`` and a resumed run refreshes on the same steps as an uninterrupted one.
 
+Calibrated clipping scale (``rho="auto"``). A fixed :math:`\gamma` tuned for ~0.5 M-token pre-training
+batches clips almost every coordinate on small unlearning batches (the noise in :math:`|\tilde m|` is then
+large against :math:`\tilde h`), and Sophia degenerates to sign-momentum descent. With ``rho="auto"``,
+the first ``step()`` picks
+
+.. math::
+
+    \gamma = \operatorname{quantile}_{q}\left(|\tilde m_1| \,/\, \tilde h\right)
+    \qquad (q = \texttt{target\_unclipped})
+
+over the coordinates with :math:`\tilde m_1 \ne 0` (coordinates without gradient neither move nor clip),
+where :math:`\tilde m_1` is the bias-corrected momentum *after* the first momentum update (equal to the
+first gradient :math:`g_1` with bias correction) and :math:`\tilde h` the Hessian after the first estimate.
+So on step 1 a fraction :math:`q` of the moving coordinates takes a Newton step :math:`\tilde m/(\gamma\tilde h)`
+and the rest a clipped :math:`\pm\eta` step. One :math:`\gamma` is chosen for all param groups that ask for
+``"auto"`` (together): :math:`\gamma` is one hyper-parameter in the Sophia paper and in every published
+configuration, and a separate quantile over a small group (norm gains, biases: a few thousand coordinates)
+would be noise. Groups with an explicit float keep theirs. The ratio is evaluated on at most
+``RHO_SAMPLE_SIZE`` (:math:`2^{20}`) coordinates drawn uniformly, in proportion to each tensor's size, from a
+CPU generator seeded with ``RHO_SAMPLE_SEED`` (0), so equal runs pick equal :math:`\gamma`; under
+data parallelism every process computes the same value (same gradients, same sample); under FSDP the
+per-shard values are averaged. The chosen value replaces ``"auto"`` in the param group (``rho`` becomes a
+float, ``rho_auto`` is True), so it is kept by ``state_dict`` and a resumed run uses it. The default
+``target_unclipped = 0.5`` (half the moving coordinates unclipped on step 1) is provisional: it is the
+midpoint between "all clipped" (sign descent, what the fixed 0.04 gives here) and "none clipped" (plain
+diagonal Newton, unstable where :math:`\tilde h` is tiny), pending a measurement on a real model.
+
+:class:`soul.optim.Signum` is this optimizer with the curvature switched off (:math:`h\equiv 0`, every
+coordinate clipped): the "Sophia minus the curvature" ablation.
+
 Estimators (``estimator=``): ``gnb`` (Gauss-Newton-Bartlett, default) and ``hutchinson`` are computed by
 :func:`soul.optim.estimate_hessian`; ``gradsq`` uses :math:`\hat h = g\odot g` of the *training* gradients
 on every step inside ``step()`` — the behaviour of the official SOUL code, offered for comparison only.
@@ -43,7 +73,8 @@ Diagnostics: :attr:`SophiaG.last_stats` gives ``clip_fraction`` (the fraction of
 clipped to :math:`\pm\eta`, counted as :math:`|\tilde m| > \gamma\tilde h`, which differs from "ratio
 :math:`\ge 1`" only on exact ties and where :math:`|\tilde m| \le \epsilon`; summed over all processes when
 torch.distributed is initialised), ``h_mean``
-and ``h_max`` (of the current :math:`h`). They are reduced lazily, so reading them is the only host sync.
+and ``h_max`` (of the current :math:`h`) and ``rho`` (the clipping scale of the first param group; NaN
+while ``"auto"`` has not been calibrated yet). They are reduced lazily, so reading them is the only host sync.
 """
 
 from __future__ import annotations
@@ -55,10 +86,15 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from soul.optim._dist import all_reduce_async
+from soul.optim._dist import all_reduce_async, all_reduce_sum, is_distributed, world_size
 
 ESTIMATORS = ("gnb", "hutchinson", "gradsq")
 _COUNTERS = {"step": 0, "hessian_updates": 0, "hessian_step": -1}
+AUTO = "auto"
+# rho="auto": the ratio |m~|/h~ is evaluated on at most this many coordinates, drawn with this seed.
+RHO_SAMPLE_SIZE = 1 << 20
+RHO_SAMPLE_SEED = 0
+DEFAULT_TARGET_UNCLIPPED = 0.5  # provisional (see the module docstring)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +118,11 @@ class SophiaG(Optimizer):
         params: parameters or param-group dicts, as for any torch optimizer.
         lr: learning rate :math:`\\eta` (the largest per-coordinate step).
         betas: :math:`(\\beta_1, \\beta_2)` for the momentum and the Hessian EMA.
-        rho: :math:`\\gamma`, scales the Hessian in the clipped ratio (larger = more conservative).
+        rho: :math:`\\gamma`, scales the Hessian in the clipped ratio (larger = more conservative), or
+            ``"auto"``: calibrated on the first step so that ``target_unclipped`` of the coordinates are
+            not clipped (module docstring).
+        target_unclipped: for ``rho="auto"``, the fraction :math:`q \\in (0, 1)` of moving coordinates left
+            unclipped on the first step (default 0.5, provisional).
         weight_decay: decoupled weight decay :math:`\\lambda`.
         eps: floor :math:`\\epsilon` of the denominator; also the floor of Hutchinson estimates.
         hessian_interval: refresh the Hessian every ``k`` steps (from step 0).
@@ -98,17 +138,18 @@ class SophiaG(Optimizer):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.965, 0.99),
-        rho: float = 0.04,
+        rho: float | str = 0.04,
         weight_decay: float = 0.1,
         eps: float = 1e-12,
         hessian_interval: int = 10,
         estimator: str = "gnb",
         bias_correction: bool = True,
         foreach: bool | None = None,
+        target_unclipped: float = DEFAULT_TARGET_UNCLIPPED,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
                         hessian_interval=hessian_interval, estimator=estimator,
-                        bias_correction=bias_correction, foreach=foreach)
+                        bias_correction=bias_correction, foreach=foreach, target_unclipped=target_unclipped)
         _validate(defaults, where="SophiaG")
         super().__init__(params, defaults)
         self._pending_clip: tuple[torch.Tensor, Any] | None = None
@@ -128,6 +169,7 @@ class SophiaG(Optimizer):
         for group in self.param_groups:
             for key, value in _COUNTERS.items():
                 group.setdefault(key, value)
+            group.setdefault("target_unclipped", DEFAULT_TARGET_UNCLIPPED)
         self.__dict__.setdefault("_pending_clip", None)
         self.__dict__.setdefault("_pending_h", None)
 
@@ -162,6 +204,8 @@ class SophiaG(Optimizer):
 
     def hessian_due(self) -> bool:
         """True when the loop must estimate the Hessian before this step's ``optimizer.step()``."""
+        if not self.uses_curvature:
+            return False
         return any(self._group_due(group) for group in self.param_groups)
 
     @torch.no_grad()
@@ -205,36 +249,38 @@ class SophiaG(Optimizer):
         return updated
 
     # -- the step -----------------------------------------------------------------------------------------
+    # Subclasses without curvature (Signum) set this False: no estimate is ever due and h stays zero.
+    uses_curvature = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        clip_counts: list[torch.Tensor] = []
-        numel = 0
         gradsq_seen = False
+        work = []  # (group, params, grads, exp_avgs, hessians, bc1, bc2) of the groups with gradients
         for index, group in enumerate(self.param_groups):
             params, grads, exp_avgs, hessians = [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("SophiaG does not support sparse gradients")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self._state_for(p)
                 params.append(_local(p))
                 grads.append(_local(p.grad))
                 exp_avgs.append(_local(state["exp_avg"]))
                 hessians.append(_local(state["hessian"]))
             beta1, beta2 = group["betas"]
-            if group["estimator"] == "gradsq" and params:
+            if group["estimator"] == "gradsq" and params and self.uses_curvature:
                 # Official SOUL behaviour: h tracks the squared training gradient, refreshed every step.
                 _ema_square(hessians, [g.to(h.dtype) for g, h in zip(grads, hessians)], beta2, 1.0,
                             foreach=self._use_foreach(group, params))
                 group["hessian_updates"] += 1
                 group["hessian_step"] = group["step"]
                 gradsq_seen = True
-            elif params and group["hessian_updates"] == 0:
+            elif params and group["hessian_updates"] == 0 and self.uses_curvature:
                 raise RuntimeError(
                     f"SophiaG param group {index}: step() before any Hessian estimate. Call "
                     "soul.optim.estimate_hessian(model, batch, optimizer) whenever optimizer.hessian_due() "
@@ -244,15 +290,24 @@ class SophiaG(Optimizer):
             if params:
                 if group["bias_correction"]:
                     bc1 = 1 - beta1**t
-                    bc2 = 1 - beta2 ** group["hessian_updates"]
+                    # No estimate yet (curvature off): h is zero and its bias correction is moot.
+                    bc2 = 1 - beta2 ** group["hessian_updates"] if group["hessian_updates"] else 1.0
                 else:
                     bc1 = bc2 = 1.0
-                kwargs = dict(lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1,
-                              rho=group["rho"], eps=group["eps"], bc1=bc1, bc2=bc2)
-                fn = _multi_tensor_sophia if self._use_foreach(group, params) else _single_tensor_sophia
-                clip_counts.append(fn(params, grads, exp_avgs, hessians, **kwargs))
-                numel += sum(p.numel() for p in params)
-            group["step"] = t
+                work.append((group, params, grads, exp_avgs, hessians, bc1, bc2))
+            else:
+                group["step"] = t
+        if any(group["rho"] == AUTO for group, *_ in work):
+            self._calibrate_rho([w for w in work if w[0]["rho"] == AUTO])
+        clip_counts: list[torch.Tensor] = []
+        numel = 0
+        for group, params, grads, exp_avgs, hessians, bc1, bc2 in work:
+            kwargs = dict(lr=group["lr"], weight_decay=group["weight_decay"], beta1=group["betas"][0],
+                          rho=group["rho"], eps=group["eps"], bc1=bc1, bc2=bc2)
+            fn = _multi_tensor_sophia if self._use_foreach(group, params) else _single_tensor_sophia
+            clip_counts.append(fn(params, grads, exp_avgs, hessians, **kwargs))
+            numel += sum(p.numel() for p in params)
+            group["step"] += 1
         if clip_counts:
             totals = torch.stack([torch.stack(clip_counts).sum().float(),
                                   torch.tensor(float(numel), device=clip_counts[0].device)])
@@ -260,6 +315,51 @@ class SophiaG(Optimizer):
         if gradsq_seen:
             self._record_h_stats()
         return loss
+
+    def _calibrate_rho(self, work: list[tuple]) -> None:
+        """Replace ``rho="auto"`` by the ``target_unclipped`` quantile of |m~_1| / h~ (module docstring).
+
+        Called inside the first ``step()`` before the update, so m~_1 = lerp(m, g, 1 - beta1) / bc1 is what
+        the update will compare against rho h~. Only a sample of coordinates is read (``RHO_SAMPLE_SIZE``).
+        """
+        targets = {float(group["target_unclipped"]) for group, *_ in work}
+        if len(targets) != 1:
+            raise ValueError(f"SophiaG: param groups calibrated together (rho='auto') must share "
+                             f"target_unclipped, got {sorted(targets)}")
+        total = sum(p.numel() for _, params, *_ in work for p in params)
+        generator = torch.Generator().manual_seed(RHO_SAMPLE_SEED)
+        ratios = []
+        for group, _, grads, exp_avgs, hessians, bc1, bc2 in work:
+            beta1 = group["betas"][0]
+            for g, m, h in zip(grads, exp_avgs, hessians):
+                n = m.numel()
+                if total > RHO_SAMPLE_SIZE:
+                    k = max(1, math.ceil(RHO_SAMPLE_SIZE * n / total))
+                    idx = torch.randint(0, n, (k,), generator=generator).to(m.device)
+                    g_s, m_s, h_s = (x.reshape(-1)[idx] for x in (g, m, h))
+                else:
+                    g_s, m_s, h_s = g.reshape(-1), m.reshape(-1), h.reshape(-1)
+                m_hat = m_s.lerp(g_s.to(m_s.dtype), 1 - beta1).abs() / bc1
+                h_hat = h_s / bc2
+                moving = m_hat > 0
+                ratio = torch.where(h_hat > 0, m_hat / h_hat.clamp_min(torch.finfo(h_hat.dtype).tiny),
+                                    torch.full_like(m_hat, math.inf))
+                ratios.append(ratio[moving].float())
+        ratio = torch.cat(ratios) if ratios else torch.zeros(0)
+        if ratio.numel() == 0:
+            raise RuntimeError("SophiaG rho='auto': every gradient coordinate is zero on the first step, "
+                               "so there is nothing to calibrate rho on")
+        rho_local = torch.quantile(ratio.double(), targets.pop())
+        if is_distributed():  # FSDP shards differ: average the per-shard quantiles (DDP: all equal anyway)
+            rho_local = all_reduce_sum(rho_local.reshape(1)).squeeze(0) / world_size()
+        rho = float(rho_local)
+        if not (math.isfinite(rho) and rho > 0):
+            raise RuntimeError(
+                f"SophiaG rho='auto': the calibrated rho is {rho} (the quantile of |m|/h fell where the Hessian "
+                "estimate is zero or the momentum is); lower target_unclipped or give rho explicitly")
+        for group, *_ in work:
+            group["rho"] = rho
+            group["rho_auto"] = True
 
     @staticmethod
     def _use_foreach(group: dict[str, Any], tensors: list[torch.Tensor]) -> bool:
@@ -300,6 +400,8 @@ class SophiaG(Optimizer):
             stats["h_mean"] = hsum / max(numel, 1.0)
             stats["h_max"] = float(hmax.item())
         if self.param_groups:
+            rho = self.param_groups[0]["rho"]
+            stats["rho"] = math.nan if rho == AUTO else float(rho)
             stats["step"] = self.param_groups[0]["step"]
             stats["hessian_updates"] = self.param_groups[0]["hessian_updates"]
         return stats
@@ -311,7 +413,12 @@ def _validate(group: Mapping[str, Any], *, where: str) -> None:
         (isinstance(lr, float | int) and lr >= 0, f"lr must be >= 0, got {lr!r}"),
         (0.0 <= beta1 < 1.0, f"betas[0] must be in [0, 1), got {beta1!r}"),
         (0.0 <= beta2 < 1.0, f"betas[1] must be in [0, 1), got {beta2!r}"),
-        (group["rho"] > 0, f"rho (gamma) must be > 0, got {group['rho']!r}"),
+        (group["rho"] == AUTO or (isinstance(group["rho"], float | int) and not isinstance(group["rho"], bool)
+                                  and group["rho"] > 0),
+         f"rho (gamma) must be a number > 0 or 'auto', got {group['rho']!r}"),
+        (isinstance(group.get("target_unclipped", 0.5), float | int)
+         and 0 < group.get("target_unclipped", 0.5) < 1,
+         f"target_unclipped must be in (0, 1), got {group.get('target_unclipped')!r}"),
         (group["eps"] > 0, f"eps must be > 0, got {group['eps']!r}"),
         (group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']!r}"),
         (isinstance(group["hessian_interval"], int) and group["hessian_interval"] >= 1,

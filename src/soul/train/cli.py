@@ -29,10 +29,14 @@ HELP = {
     "alpha": "weight of the retain term",
     "beta": "inverse temperature (npo, simnpo, dpo)",
     "delta": "margin (simnpo)",
-    "optimizer": "adamw | sgd | sophia",
+    "optimizer": "adamw | sgd | sophia | signum | lion, or LIBRARY:Class (e.g. torch:SGD, "
+                 "pytorch_optimizer:SOAP, pytorch_optimizer:AdaHessian)",
+    "optimizer_options": "extra optimizer constructor options as KEY=VALUE (values read as YAML)",
     "lr": "peak learning rate",
     "betas": "the optimizer's two betas",
-    "rho": "Sophia's clipping scale (gamma in the Sophia paper)",
+    "rho": "Sophia's clipping scale (gamma in the Sophia paper), or 'auto': calibrated on the first step",
+    "target_unclipped": "with --rho auto: fraction of coordinates left unclipped on the first step (0-1)",
+    "hessian_samples": "Sophia: draws averaged per Hessian estimate (GNB labels / Hutchinson vectors)",
     "hessian_interval": "Sophia: estimate the Hessian every k steps",
     "estimator": "Sophia's Hessian estimator: gnb | hutchinson | gradsq",
     "hessian_batch": "data for the Hessian estimate: forget | retain | both",
@@ -57,9 +61,37 @@ HELP = {
 }
 
 
+class _KeyValues(argparse.Action):
+    """``KEY=VALUE ...`` into a dict; values are read as YAML (numbers, booleans, lists)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import yaml
+
+        out = {}
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                parser.error(f"{option_string}: expected KEY=VALUE, got {item!r}")
+            out[key.replace("-", "_")] = yaml.safe_load(value)
+        setattr(namespace, self.dest, out)
+
+
+def _number_or_auto(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def _argparse_kwargs(annotation: str) -> dict[str, Any]:
     """argparse options for a dataclass field annotation (a string under `from __future__ import annotations`)."""
     base = annotation.replace(" | None", "")
+    if base == "float | str":
+        return {"type": _number_or_auto}
+    if base == "dict[str, Any]":
+        return {"nargs": "+", "action": _KeyValues, "metavar": "KEY=VALUE"}
     if base == "bool":
         return {"action": argparse.BooleanOptionalAction}
     if base == "list[float]":

@@ -39,14 +39,17 @@ class TrainConfig:
     beta: float | None = None
     delta: float | None = None
     # --- optimizer
-    optimizer: str = "sophia"
+    optimizer: str = "sophia"  # adamw | sgd | sophia | signum | lion | LIBRARY:Class (soul.optim.factory)
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: list[float] | None = None
-    rho: float | None = None
+    rho: float | str | None = None  # Sophia's clipping scale, or "auto" (calibrated on the first step)
+    target_unclipped: float = 0.5  # rho: auto — fraction of coordinates left unclipped on the first step
     hessian_interval: int = 10
     estimator: str = "gnb"
     hessian_batch: str = "forget"
+    hessian_samples: int = 1  # label draws (GNB) / probe vectors (Hutchinson) averaged per estimate
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # extra constructor options
     # --- schedule
     epochs: int = 5
     max_steps: int | None = None
@@ -76,7 +79,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise a `ValueError` naming the first bad option."""
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
-                    "hessian_interval": self.hessian_interval, "probe_size": self.probe_size}
+                    "hessian_interval": self.hessian_interval, "probe_size": self.probe_size,
+                    "hessian_samples": self.hessian_samples}
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"option {name!r} must be a positive integer, got {value!r}")
@@ -101,6 +105,14 @@ class TrainConfig:
             raise ValueError(f"option 'keep_best' must be one of {sorted(KEEP_BEST_METRICS)}, got {self.keep_best!r}")
         if self.keep_best is not None and not (self.probe_every or self.probe_each_epoch):
             raise ValueError("option 'keep_best' needs probes: set probe_every > 0 or probe_each_epoch")
+        if self.rho is not None and self.rho != "auto" and not (
+                isinstance(self.rho, int | float) and not isinstance(self.rho, bool) and self.rho > 0):
+            raise ValueError(f"option 'rho' must be a number > 0 or 'auto', got {self.rho!r}")
+        if not (isinstance(self.target_unclipped, int | float) and 0 < self.target_unclipped < 1):
+            raise ValueError(f"option 'target_unclipped' must be in (0, 1), got {self.target_unclipped!r}")
+        if not isinstance(self.optimizer_options, dict):
+            raise ValueError("option 'optimizer_options' must be a mapping of constructor option: value, got "
+                             f"{self.optimizer_options!r}")
         if self.betas is not None and len(self.betas) != 2:
             raise ValueError(f"option 'betas' must be two numbers, got {self.betas!r}")
         return self
@@ -131,10 +143,12 @@ def make_config(values: dict[str, Any] | None = None, *, defaults: dict[str, Any
     unknown = sorted(set(merged) - CONFIG_FIELDS)
     if unknown:
         raise ValueError(f"unknown training option(s) {unknown}; known options: {sorted(CONFIG_FIELDS)}")
+    if isinstance(merged.get("rho"), str) and merged["rho"].strip().lower() == "auto":
+        merged["rho"] = "auto"
     for key in ("lr", "weight_decay", "warmup_ratio", "gamma", "alpha", "beta", "delta", "rho",
-                "lora_alpha", "lora_dropout", "max_grad_norm"):
+                "lora_alpha", "lora_dropout", "max_grad_norm", "target_unclipped"):
         # YAML reads "1e-5" as a string; accept numeric strings for float options.
-        if isinstance(merged.get(key), str):
+        if isinstance(merged.get(key), str) and not (key == "rho" and merged[key] == "auto"):
             try:
                 merged[key] = float(merged[key])
             except ValueError:

@@ -20,6 +20,11 @@ averaged over processes by DDP's all-reduce on the last micro-batch only (earlie
 ``accelerator.no_sync``). Then ``accelerator.clip_grad_norm_`` (global norm), ``optimizer.step()`` and the
 scheduler step. When the optimizer is Sophia and ``optimizer.hessian_due()``, the Hessian diagonal is
 estimated first, on the group's forget micro-batches, retain micro-batches, or both (``hessian_batch``).
+The estimate's random draws come from a generator seeded with ``(seed, step, rank)`` and average
+``hessian_samples`` draws. Optimizers that take Hessian-vector products in ``step()`` (`soul.optim.needs_create_graph`)
+get ``backward(create_graph=True)`` under the math attention kernel. Each step's record also has the
+update diagnostics of `soul.train.diagnostics` (``update_norm``, ``update_rms_over_lr``, ``rho``), summarised
+in the run record's ``diagnostics``.
 
 Checkpoints (``accelerator.save_state``: model, optimizer, scheduler, progress, every process's RNG) are
 written to ``<dir>/.tmp-step-N`` and renamed to ``<dir>/step-N`` once every process is done, so a checkpoint
@@ -38,11 +43,13 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from soul.io import write_json_atomic
 from soul.losses import model_logits, sequence_nll
@@ -165,14 +172,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Constructor options for ``build_optimizer(cfg.optimizer, ...)``; ``optimizer_options`` win.
+
+    A library optimizer (``LIBRARY:Class``) without a ``weight_decay`` option is built without it when
+    ``weight_decay`` is 0 (any other value is an error there, from the factory).
+    """
+    from soul.optim.factory import is_external, optimizer_options
+
     kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.betas is not None:
         kwargs["betas"] = tuple(cfg.betas)
-    if cfg.optimizer == "sophia":
+    if str(cfg.optimizer).lower() in ("sophia", "sophiag", "sophia-g"):
         kwargs["hessian_interval"] = cfg.hessian_interval
         kwargs["estimator"] = cfg.estimator
         if cfg.rho is not None:
             kwargs["rho"] = cfg.rho
+        kwargs["target_unclipped"] = cfg.target_unclipped
+    if is_external(cfg.optimizer) and cfg.weight_decay == 0 \
+            and "weight_decay" not in optimizer_options(cfg.optimizer):
+        kwargs.pop("weight_decay")
+    kwargs.update(cfg.optimizer_options or {})
     return kwargs
 
 
@@ -353,6 +372,11 @@ def run_training(
     progress = Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    from soul.optim import needs_create_graph
+
+    # AdaHessian-like optimizers take Hessian-vector products of .grad: back-propagate with a graph, through
+    # the math attention kernel (the fused SDPA kernels have no double backward).
+    create_graph = needs_create_graph(raw_optimizer)
     estimate_hessian = None
     if hasattr(raw_optimizer, "hessian_due"):
         from soul.optim import estimate_hessian
@@ -458,6 +482,9 @@ def run_training(
                dynamic_ncols=True)
     if probe_sets and resumed_from is None:
         run_probes(0)
+    from soul.train.diagnostics import UpdateTracker
+
+    updates = UpdateTracker(trainable, from_step=progress.step)
     optimizer.zero_grad(set_to_none=True)
     try:
         while progress.step < total_steps:
@@ -472,17 +499,26 @@ def run_training(
                 retain_bs = [r for _, r in batches if r is not None]
                 h_batches = {"forget": forget_bs, "retain": retain_bs or forget_bs,
                              "both": forget_bs + retain_bs}[cfg.hessian_batch]
+                # Labels (GNB) / probe vectors (Hutchinson) from a generator of (seed, step, rank): equal seeds
+                # reproduce, different seeds differ, and a resumed run draws what an uninterrupted one did.
+                h_gen = torch.Generator(device=device).manual_seed(
+                    (cfg.seed * 1_000_003 + progress.step) * 1_009 + rank)
                 with accelerator.autocast():
-                    estimate_hessian(model, h_batches, raw_optimizer, estimator=cfg.estimator)
+                    estimate_hessian(model, h_batches, raw_optimizer, estimator=cfg.estimator, generator=h_gen,
+                                     samples=cfg.hessian_samples)
                 hessian_updated = True
             sums: dict[str, float] = {}
             total_loss = 0.0
             for j, (forget_b, retain_b) in enumerate(batches):
                 sync = j == len(batches) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast(), \
+                        (sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()):
                     output = objective(model, forget_b, retain_b, ref_model)
                     check_finite(step, output.loss, output.parts)
-                    accelerator.backward(output.loss / len(batches))
+                    with warnings.catch_warnings():
+                        # torch warns of a param <-> grad reference cycle; zero_grad(set_to_none) breaks it.
+                        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+                        accelerator.backward(output.loss / len(batches), create_graph=create_graph)
                 total_loss += output.loss.item() / len(batches)
                 for name, value in output.parts.items():
                     sums[name] = sums.get(name, 0.0) + value / len(batches)
@@ -493,6 +529,8 @@ def run_training(
                 raise NonFiniteLossError(step, "the gradient norm", grad_norm, last_good())
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            optimizer_stats = getattr(raw_optimizer, "last_stats", None) or {}
+            update_stats = updates.step(lr, optimizer_stats)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step = step
@@ -505,10 +543,11 @@ def run_training(
             record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "loss": values[0].item(),
                       **{n: values[i + 1].item() for i, n in enumerate(names)}, "lr": lr, "grad_norm": grad_norm,
                       "hessian_updated": hessian_updated, "time": time.time() - run_start}
-            for key, value in (getattr(raw_optimizer, "last_stats", None) or {}).items():
+            for key, value in optimizer_stats.items():
                 if key != "step":  # Sophia's own counter equals ours; keep clip_fraction, h_mean, h_max …
                     value = float(value)
                     record[key] = value if math.isfinite(value) else None
+            record.update(update_stats)  # update_norm, update_rms_over_lr, rho (None without one)
             progress.last = record
             log(record)
             bar.update(1)
@@ -525,6 +564,7 @@ def run_training(
         bar.close()
 
     # ---- final model: LoRA merged, best weights restored when asked, written with its run record
+    diagnostics = updates.summary()  # of the trajectory's last weights, before any keep_best restore
     if probe_sets and progress.last_probe.get("step") != progress.step:
         run_probes(progress.step)
     accelerator.wait_for_everyone()
@@ -566,6 +606,7 @@ def run_training(
         "initial_probe": progress.first_probe,
         "final_probe": progress.last_probe,
         "best": progress.best,
+        "diagnostics": diagnostics,
     }
     if main and out is not None:
         from soul.models import save_model
