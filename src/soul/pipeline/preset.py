@@ -52,6 +52,8 @@ FORTHCOMING_OPTIMIZERS = ("signum", "lion")
 LIB_OPTIMIZER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "pytorch_optimizer:Lion"
 AUTO_OPTIONS = {"rho": "auto"}  # options that may be a keyword instead of a number
 INFLUENCE_EXTRA = ("batch_size", "max_retain_batches")
+# TrainConfig options the pipeline sets itself for every run (from the task and the command line).
+PIPELINE_OPTIONS = ("forget_split", "retain_split", "split", "progress")
 
 
 class PresetError(ValueError):
@@ -228,10 +230,14 @@ class _Checker:
         return dict(value)
 
     def keys(self, value: dict[str, Any], known: tuple[str, ...] | set[str], path: str, what: str = "key") -> None:
+        import difflib
+
         for key in value:
             if key not in known:
+                close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise self.fail(f"{path}.{key}" if path else str(key),
-                                f"unknown {what}; known: {sorted(known)}")
+                                f"unknown {what}{hint}; known: {sorted(known)}")
 
     def typed(self, value: Any, path: str, kind: type | tuple[type, ...], *, allow_none: bool = False) -> Any:
         if value is None and allow_none:
@@ -298,6 +304,10 @@ class _Checker:
             if key in opts:
                 raise self.fail(f"{path}.{key}", f"{key} is set by the grid (unlearn.objectives / "
                                                  "unlearn.optimizers entries), not as an option here")
+        for key in PIPELINE_OPTIONS:
+            if key in opts:
+                raise self.fail(f"{path}.{key}", f"{key} is set by the pipeline for every run (from the task "
+                                                 "and the preset's splits), not as an option")
         return {k: (v if k in extra else self.option(k, v, f"{path}.{k}")) for k, v in opts.items()}
 
     def optimizer_name(self, value: Any, path: str) -> str:
