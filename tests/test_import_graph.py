@@ -52,9 +52,7 @@ def _top_level_imports(tree: ast.Module, functions: bool = False) -> list[ast.Im
                     visit(handler.body)
                 visit(node.orelse)
                 visit(node.finalbody)
-            elif isinstance(node, ast.With):
-                visit(node.body)
-            elif isinstance(node, ast.ClassDef):
+            elif isinstance(node, ast.With | ast.ClassDef):
                 visit(node.body)
 
     visit(tree.body)
@@ -96,7 +94,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 stack.pop()
                 path.pop()
             elif state[child] == 1:
-                return path[path.index(child):] + [child]
+                return [*path[path.index(child):], child]
             elif state[child] == 0:
                 state[child] = 1
                 path.append(child)
