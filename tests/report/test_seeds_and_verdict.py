@@ -110,10 +110,10 @@ def test_report_files_carry_spread_diagnostics_and_verdict(tmp_path, capsys):
     for text in ("Clip frac.", "ρ", "mean ‖Δθ‖", "total ‖Δθ‖", "‖θ_T−θ_0‖", "KS stat.", "0.500 ± 0.100",
                  "<h2>Verdict</h2>", "Sophia ρ=0.04 (SO)"):
         assert text in html, text
-    sophia_row = next(line for line in html.split("<tr") if "Sophia ρ=0.04 (SO)</td>" in line)
-    assert "<td>4 ± 0</td>" in sophia_row and "<td>0.500</td>" in sophia_row  # total ‖Δθ‖, clip fraction
+    sophia_row = next(line for line in html.split("<tr") if "<td>GradDiff + Sophia ρ=0.04 (SO)" in line)
+    assert "<td>4 ± 0</td>" in sophia_row and "<td>0.500 ± 0.000</td>" in sophia_row  # total ‖Δθ‖, clip fraction
     out = capsys.readouterr().out
-    assert "GradDiff: GradDiff + Sophia ρ=0.04 (SO) beats GradDiff + AdamW (FO)" in out
+    assert "GradDiff: Sophia ρ=0.04 (SO) beats AdamW (FO): forget quality 0.5 ± 0.1 vs 0.2 ± 0.1" in out
 
 
 # ----------------------------------------------------------------------------------------------- verdict

@@ -219,7 +219,9 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for group, runs in groups.items():
         first = runs[0]
-        entry: dict[str, Any] = {"name": group, "label": run_label(first), "role": first.get("role", "unlearned"),
+        entry: dict[str, Any] = {"name": group, "label": run_label(first),
+                                 "optimizer_label": optimizer_label(first) if first.get("optimizer") else None,
+                                 "role": first.get("role", "unlearned"),
                                  "objective": first.get("objective"), "optimizer": first.get("optimizer"),
                                  "optimizer_type": optimizer_type(first) if first.get("optimizer") else None,
                                  "seeds": [r.get("seed") for r in runs if r.get("seed") is not None],

@@ -60,7 +60,8 @@ def compare(other: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     obj = OBJECTIVE_NAMES.get(str(other.get("objective")), str(other.get("objective")))
     phrase = {BEATS: "beats", WORSE: "is worse than", MIXED: "forgets better but loses utility against",
               NO_DIFFERENCE: "shows no difference measured against"}[verdict]
-    sentence = (f"{obj}: {other['label']} {phrase} {base['label']}{reason}: forget quality "
+    name_o, name_b = (r.get("optimizer_label") or r["label"] for r in (other, base))
+    sentence = (f"{obj}: {name_o} {phrase} {name_b}{reason}: forget quality "
                 f"{_fmt(other, 'forget_quality')} vs {_fmt(base, 'forget_quality')}, model utility "
                 f"{_fmt(other, 'model_utility')} vs {_fmt(base, 'model_utility')} "
                 f"(n = {other.get('n', 1)} vs {base.get('n', 1)} seeds).")
