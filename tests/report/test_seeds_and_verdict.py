@@ -183,8 +183,12 @@ def test_sweep_report_shows_best_lr_and_warning(tmp_path):
     results = seeded_results()
     results["sweep"] = {"objective": "graddiff", "points": [
         {"name": "a1", "group": "a1", "optimizer": "adamw", "lr": 1e-5, "forget_quality": 0.1, "model_utility": 0.59},
-        {"name": "a2", "group": "a2", "optimizer": "adamw", "lr": 1e-4, "forget_quality": 0.2, "model_utility": 0.59}]}
+        {"name": "a2", "group": "a2", "optimizer": "adamw", "lr": 1e-4, "forget_quality": 0.2, "model_utility": 0.59},
+        {"name": "a2s1", "group": "a2", "seed": 1, "optimizer": "adamw", "lr": 1e-4, "forget_quality": 0.3,
+         "model_utility": 0.58}]}
     files = write_report(results, tmp_path, stream=None)
+    assert json.loads(files["results.json"].read_text())["sweep"]["settings"][1]["n"] == 2
+    assert files["pareto.png"].read_bytes().startswith(b"\x89PNG")
     html = files["report.html"].read_text()
     assert "Each optimizer at its best setting" in html and "best lr 0.0001" in html
     assert "WARNING" in html and "largest of the grid" in html

@@ -161,9 +161,9 @@ def metric_bars(rows: Sequence[dict[str, Any]]) -> bytes:
 def pareto_plot(points: Sequence[dict[str, Any]], target_utility: float | None = None,
                 retain: dict[str, float] | None = None, fraction: float = 0.95,
                 best: dict[str, int | None] | None = None) -> bytes:
-    """Sweep points (forget quality vs utility) coloured by optimizer, each optimizer's Pareto front as a
-    step line, the utility floor ``fraction × target_utility`` as a vertical line, and the best point at
-    that floor per optimizer circled."""
+    """Sweep points (forget quality vs utility; means with ± std whiskers when averaged over seeds) coloured
+    by optimizer, each optimizer's Pareto front as a step line, the utility floor ``fraction ×
+    target_utility`` as a vertical line, and the best point at that floor per optimizer circled."""
     fig = Figure(figsize=(7, 5))
     ax = fig.add_subplot()
     groups: dict[str, list[int]] = {}
@@ -176,6 +176,12 @@ def pareto_plot(points: Sequence[dict[str, Any]], target_utility: float | None =
         ax.scatter([p[MU] for p in sub], [_fq(p[FQ]) for p in sub], color=color, alpha=0.6, s=30,
                    marker=ORDER_MARKER.get(OPTIMIZER_ORDER.get(sub[0].get("optimizer_type") or opt, ""), "D"),
                    label=f"{name} settings")
+        for p in sub:  # settings averaged over seeds: ± std whiskers (the lower one clipped at the log floor)
+            fq_std, mu_std = p.get(f"{FQ}_std"), p.get(f"{MU}_std")
+            if fq_std or mu_std:
+                low = _fq(p[FQ]) - max(_fq(p[FQ] - (fq_std or 0.0)), FQ_FLOOR)
+                ax.errorbar([p[MU]], [_fq(p[FQ])], xerr=mu_std, yerr=[[low], [fq_std or 0.0]], fmt="none",
+                            ecolor=color, elinewidth=0.8, alpha=0.6)
         front = [sub[i] for i in pareto_front(sub)]
         ax.step([p[MU] for p in front], [_fq(p[FQ]) for p in front], where="post", color=color, linewidth=1.5,
                 label=f"{name} Pareto front")
