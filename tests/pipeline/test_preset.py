@@ -46,6 +46,8 @@ def with_(path: str, value):
     ("unlearn.optimizers.fast.optimizer", "sophie", "unlearn.optimizers.fast.optimizer", "unknown optimizer"),
     ("unlearn.overrides", {"npo/lion": {"lr": 1.0}}, "unlearn.overrides.npo/lion", "optimizer entry"),
     ("unlearn.common.optimizer", "sophia", "unlearn.common.optimizer", "set by the grid"),
+    ("unlearn.common.seed", 3, "unlearn.common.seed", "set by the preset's seeds"),
+    ("sweep.grid.adamw.seed", [0, 1], "sweep.grid.adamw.seed", "cannot be a sweep axis"),
     ("unlearn.objectivs", {}, "unlearn.objectivs", "unknown key"),
     ("eval.batch_sise", 4, "eval.batch_sise", "unknown key"),
     ("data.sorce", "bundled", "data.sorce", "unknown key"),

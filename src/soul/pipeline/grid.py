@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # annotations only (preset.py imports this module)
 def _per_seed(preset: Preset, group: str, base: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
     specs = []
     for seed in preset.seeds:
-        # Options the preset sets win over the run's seed; the seed drives data order and GNB label sampling.
-        config = {**cfg, "seed": seed} if "seed" not in cfg else dict(cfg)
+        # The seed drives data order and GNB label sampling (the preset cannot set it per run: see preset.py).
+        config = {**cfg, "seed": seed}
         # The model must see the prompt format it was fine-tuned with, in every stage.
         config.setdefault("prompt_format", preset.prompt_format)
         specs.append({**base, "name": f"{group}-s{config['seed']}", "group": group, "seed": config["seed"],

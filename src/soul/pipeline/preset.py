@@ -302,8 +302,9 @@ class _Checker:
         self.keys(opts, known, path, "option")
         for key in fixed:
             if key in opts:
-                raise self.fail(f"{path}.{key}", f"{key} is set by the grid (unlearn.objectives / "
-                                                 "unlearn.optimizers entries), not as an option here")
+                where = ("the preset's seeds (one run per seed)" if key == "seed" else
+                         "the grid (unlearn.objectives / unlearn.optimizers entries)")
+                raise self.fail(f"{path}.{key}", f"{key} is set by {where}, not as an option here")
         for key in PIPELINE_OPTIONS:
             if key in opts:
                 raise self.fail(f"{path}.{key}", f"{key} is set by the pipeline for every run (from the task "
@@ -351,7 +352,7 @@ def _reference(c: _Checker, value: Any, path: str) -> Reference:
 def _unlearn(c: _Checker, value: Any) -> Unlearn:
     unl = c.mapping(value, "unlearn")
     c.keys(unl, ("common", "objectives", "optimizers", "overrides"), "unlearn")
-    run_keys = ("objective", "optimizer")
+    run_keys = ("objective", "optimizer", "seed")
     common = c.options(unl.get("common"), "unlearn.common", fixed=run_keys)
     objectives = c.mapping(unl.get("objectives"), "unlearn.objectives") or {o: {} for o in DEFAULT_OBJECTIVES}
     objs = {}
@@ -362,7 +363,7 @@ def _unlearn(c: _Checker, value: Any) -> Unlearn:
     entries = {}
     for name, opts in optimizers.items():
         path = f"unlearn.optimizers.{name}"
-        opts = c.options(opts, path, fixed=("objective",))
+        opts = c.options(opts, path, fixed=("objective", "seed"))
         kind = opts.pop("optimizer", None) or c.optimizer_name(str(name), path)
         entries[str(name)] = OptimizerEntry(name=str(name), optimizer=kind, options=opts)
     overrides = c.mapping(unl.get("overrides"), "unlearn.overrides")
@@ -383,7 +384,7 @@ def _sweep(c: _Checker, value: Any, unl: Unlearn) -> Sweep | None:
     sw = c.mapping(value, "sweep")
     c.keys(sw, ("objective", "base", "grid"), "sweep")
     objective = c.objective_name(sw.get("objective", "graddiff"), "sweep.objective")
-    base = c.options(sw.get("base"), "sweep.base", fixed=("objective", "optimizer"))
+    base = c.options(sw.get("base"), "sweep.base", fixed=("objective", "optimizer", "seed"))
     grid = {}
     for opt, axes in c.mapping(sw.get("grid"), "sweep.grid").items():
         path = f"sweep.grid.{opt}"
@@ -391,6 +392,9 @@ def _sweep(c: _Checker, value: Any, unl: Unlearn) -> Sweep | None:
             c.optimizer_name(str(opt), path)
         axes = c.mapping(axes, path)
         c.keys(axes, set(c.fields), path, "option")
+        for key in ("objective", "optimizer", "seed", *PIPELINE_OPTIONS):
+            if key in axes:
+                raise c.fail(f"{path}.{key}", f"{key} cannot be a sweep axis (seeds: the preset's seeds)")
         grid[str(opt)] = {}
         for key, values in axes.items():
             values = values if isinstance(values, list) else [values]
