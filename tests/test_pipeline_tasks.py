@@ -9,8 +9,12 @@ import math
 import pytest
 
 from soul import pipeline
-from soul.pipeline import load_preset, unlearn_configs
-from soul.tasks import load_task_data
+from soul.pipeline import load_preset, read_preset, unlearn_configs
+
+
+def load_task_data(preset):
+    return preset.task_impl.load_data(preset)
+
 
 TASK_COLUMNS = {
     "copyright": ("forget_bleu", "forget_text_rouge", "retain_bleu", "retain_text_rouge"),
@@ -43,13 +47,13 @@ def mc_files(tmp_path):
     return write_jsonl(tmp_path / "forget-mc.jsonl", forget), write_jsonl(tmp_path / "utility-mc.jsonl", utility)
 
 
-def tiny_preset(task, tmp_path):
-    preset = load_preset(f"tiny-{task}")
+def tiny_preset(task, tmp_path, raw=False):
+    preset = read_preset(f"tiny-{task}")
     if task == "detox":
         preset["data"]["source"] = detox_file(tmp_path)
     if task == "wmdp":
         preset["data"]["mc_source"], preset["data"]["utility_mc_source"] = mc_files(tmp_path)
-    return preset
+    return preset if raw else load_preset(preset)
 
 
 # ------------------------------------------------------------------------------------------- raw format
@@ -76,11 +80,11 @@ def test_copyright_data_are_raw_text_qa_from_disjoint_passages():
     from soul.data import load_passages
 
     preset = load_preset("tiny-copyright")
-    d = preset["data"]
+    d = preset.data
     data = load_task_data(preset)
     passages = load_passages("bundled", d["passage_words"])
-    assert data["_eval"]["forget"] == passages[:preset["max_questions"]]
-    assert data["_eval"]["retain"] == passages[d["n_forget"]:d["n_forget"] + preset["max_questions"]]
+    assert data["_eval"]["forget"] == passages[:preset.max_questions]
+    assert data["_eval"]["retain"] == passages[d["n_forget"]:d["n_forget"] + preset.max_questions]
     assert len(data["forget"]) == d["n_forget"] and len(data["retain"]) == d["n_retain"]
     for rec, passage in zip(data["forget"], passages):
         words = passage.split()
@@ -88,9 +92,10 @@ def test_copyright_data_are_raw_text_qa_from_disjoint_passages():
         assert rec["answer"].split() == words[d["prefix_words"]:d["prefix_words"] + d["continuation_words"]]
     assert not {r["question"] for r in data["forget"]} & {r["question"] for r in data["retain"]}
     assert data["full"] == data["forget"] + data["retain"]
-    assert pipeline.prompt_format(preset) == "raw"
+    assert preset.prompt_format == "raw"
     assert all(s["config"]["prompt_format"] == "raw" for s in unlearn_configs(preset))
-    bad = load_preset({**preset, "data": {**d, "n_forget": None}})
+    raw = read_preset("tiny-copyright")
+    bad = load_preset({**raw, "data": {**d, "n_forget": None}})
     with pytest.raises(ValueError, match="n_forget"):
         load_task_data(bad)
 
@@ -106,12 +111,12 @@ def test_detox_data_forget_unsafe_keep_safe(tmp_path):
 
 
 def test_wmdp_needs_its_multiple_choice_sets(tmp_path):
-    preset = tiny_preset("wmdp", tmp_path)
-    data = load_task_data(preset)
+    data = load_task_data(tiny_preset("wmdp", tmp_path))
     assert [r["answer"] for r in data["_eval"]["forget_mc"]] == [0, 1, 2, 3]  # capped at max_questions
-    del preset["data"]["utility_mc_source"]
-    with pytest.raises(ValueError, match="utility_mc_source"):
-        load_task_data(preset)
+    raw = tiny_preset("wmdp", tmp_path, raw=True)
+    del raw["data"]["utility_mc_source"]
+    with pytest.raises(ValueError, match=r"reproduce-tiny-wmdp\.yaml: data\.utility_mc_source"):
+        load_preset(raw)  # checked with the preset, before any data is read
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -120,17 +125,17 @@ def test_gpu_presets_load_and_validate(task):
     from soul.train import make_config
 
     preset = load_preset(task)
-    assert preset["task"] == task and preset.get("dtype") == "bfloat16"
-    assert not str(preset["model"]).startswith("tiny:")
-    assert preset["data"].get("source")
+    assert preset.task == task and preset.dtype == "bfloat16"
+    assert not preset.model.startswith("tiny:")
+    assert preset.data.get("source")
     specs = unlearn_configs(preset)
     assert {s["objective"] for s in specs} >= {"graddiff", "po", "npo"}
     assert {s["optimizer"] for s in specs} >= {"adamw", "sophia"}
     assert len({(s["config"].get("max_steps"), s["config"].get("epochs")) for s in specs}) == 1
     for s in specs:
-        make_config(dict(s["config"]), objective=s["objective"], optimizer=s["optimizer"])
+        make_config(dict(s["config"]), objective=s["objective"], optimizer=s["optimizer_type"])
     if task == "copyright":  # passages must leave a continuation after the eval prefix
-        assert preset["data"]["passage_words"] > preset["eval"]["prefix_tokens"]
+        assert preset.data["passage_words"] > preset.eval["prefix_tokens"]
 
 
 def test_bad_task_and_sweep_of_a_task_are_clear_errors(tmp_path):
@@ -157,10 +162,12 @@ def _check_report(out, task):
         assert (row["name"] == "target" and task != "copyright") or row["wall_time_s"] >= 0
     md = (out / "table.md").read_text().splitlines()[0]
     assert "Forget quality" not in md and "Wall time" in md
+    files = {name: f"{name}-s0" if name in RUNS[1:-1] else name for name in RUNS}  # one seed: 0
     for name in RUNS[1:-1]:
-        steps = [json.loads(x)["step"] for x in (out / "runs" / name / "train_log.jsonl").read_text().splitlines()]
+        log = out / "runs" / files[name] / "train_log.jsonl"
+        steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
         assert steps == [1, 2], (name, steps)  # the same step budget for every objective x optimizer
-    return {name: json.loads((out / "eval" / f"{name}.json").read_text()) for name in RUNS}
+    return {name: json.loads((out / "eval" / f"{files[name]}.json").read_text()) for name in RUNS}
 
 
 def _reproduce(preset, tmp_path, monkeypatch, task):

@@ -71,13 +71,15 @@ def test_markdown_table_contents():
     md = markdown_table(table_rows(synthetic_results()))
     lines = md.strip().splitlines()
     assert len(lines) == 2 + 7
-    assert lines[0].startswith("| Method | Forget quality | Forget ROUGE-L |")
+    assert lines[0].startswith("| Method | Forget quality | KS stat. | Forget ROUGE-L |")
     target = lines[2].split("|")
     assert target[1].strip() == "Original (target)"
     assert target[2].strip() == "2.00e-06"  # p-values below 0.01 in scientific notation
-    assert target[7].strip() == "0.600"
-    assert target[9].strip() == "2m00s"
-    assert lines[6].split("|")[9].strip() == "1m00s" and lines[4].split("|")[9].strip() == "31.0 s"
+    assert target[3].strip() == "–"  # no KS statistic recorded
+    assert target[8].strip() == "0.600"
+    assert target[10].strip() == "2m00s"
+    assert lines[6].split("|")[10].strip() == "1m00s" and lines[4].split("|")[10].strip() == "31.0 s"
+    assert "Clip frac." not in lines[0]  # no run recorded diagnostics: no diagnostics columns
 
 
 def test_text_table_aligned():

@@ -6,10 +6,23 @@ import argparse
 import sys
 
 
+def _seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` (commas or spaces)."""
+    try:
+        seeds = [int(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed, e.g. 0,1,2")
+    return seeds
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from soul.pipeline import reproduce
 
-    reproduce(args.preset, args.out, keep_models=args.keep_models, only=args.only or None,
+    # Every problem with the preset, --seeds or --only is a ValueError raised before any model is loaded;
+    # `soul.cli.main` prints it as one line and exits 2.
+    reproduce(args.preset, args.out, keep_models=args.keep_models, only=args.only or None, seeds=args.seeds,
               stream=None if args.quiet else sys.stderr)
     return 0
 
@@ -17,7 +30,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from soul.pipeline import sweep
 
-    sweep(args.preset, args.out, stream=None if args.quiet else sys.stderr)
+    sweep(args.preset, args.out, seeds=args.seeds, stream=None if args.quiet else sys.stderr)
     return 0
 
 
@@ -48,7 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "table.md, figures and report.html into --out.")
     p.add_argument("--preset", default="demo", help=f"preset name ({presets}) or a YAML file")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--only", nargs="*", help="run only these unlearning runs (e.g. graddiff-sophia influence)")
+    p.add_argument("--only", nargs="*", help="run only these unlearning runs: a setting (graddiff-sophia: every "
+                                             "seed), one seed (graddiff-sophia-s1) or influence")
+    p.add_argument("--seeds", type=_seeds, help="seeds to run, e.g. 0,1,2 (overrides the preset's seeds)")
     p.add_argument("--keep-models", action="store_true", help="save every unlearned model under OUT/runs/")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--config", help="YAML file of option values")
@@ -60,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "optimizer, the best forget quality at model utility >= 95%% of the target's.")
     s.add_argument("--preset", default="demo", help=f"preset name ({presets}) or a YAML file")
     s.add_argument("--out", required=True, help="report directory")
+    s.add_argument("--seeds", type=_seeds, help="seeds per grid point, e.g. 0,1,2 (overrides the preset's seeds)")
     s.add_argument("--quiet", action="store_true", help="no progress messages")
     s.add_argument("--config", help="YAML file of option values")
     s.set_defaults(func=_sweep)

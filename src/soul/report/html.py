@@ -36,7 +36,8 @@ def _table_html(rows: list[dict[str, Any]], marks: dict[str, str]) -> str:
     for row in rows:
         label = escape(row["label"]) + (f" {escape(marks[row['name']])}" if row["name"] in marks else "")
         cls = ' class="ref"' if row["role"] in ("target", "retain") else ""
-        cells = "".join(f"<td>{escape(format_value(c, row.get(c.key)))}</td>" for c in columns)
+        cells = "".join("<td>" + escape(format_value(c, row.get(c.key), row.get(c.key + "_std"))) + "</td>"
+                        for c in columns)
         body.append(f"<tr{cls}><td>{label}</td>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -61,11 +62,14 @@ def _examples_html(runs: list[dict[str, Any]]) -> str:
 
 def render_html(*, title: str, rows: list[dict[str, Any]], runs: list[dict[str, Any]],
                 images: dict[str, bytes], marks: dict[str, str], notes: list[str],
-                sweep_html: str = "") -> str:
+                sweep_html: str = "", verdicts: list[str] | None = None) -> str:
     """The whole page as a string. `images` maps a caption to PNG bytes (embedded in order)."""
     figs = "".join(f"<h3>{escape(cap)}</h3><img alt=\"{escape(cap)}\" src=\"{data_uri(png)}\">"
                    for cap, png in images.items())
     note_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
+    verdict_html = ("<h2>Verdict</h2><p>Computed from the table: a method beats the first-order baseline only "
+                    "when the mean ± std intervals over seeds of forget quality separate.</p><ul>"
+                    + "".join(f"<li>{escape(v)}</li>" for v in verdicts) + "</ul>") if verdicts else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title><style>{_CSS}</style></head>
 <body>
@@ -73,10 +77,15 @@ def render_html(*, title: str, rows: list[dict[str, Any]], runs: list[dict[str, 
 <ul>{note_html}</ul>
 <h2>Results</h2>
 {_table_html(rows, marks)}
+{verdict_html}
 <p>Forget quality: KS-test p-value of the forget-set truth ratios against the retain model's (higher = closer
 to never having seen the forget set). Model utility: harmonic mean of probability, ROUGE-L and truth ratio
 on the retain and utility sets (higher is better). MIA AUC: 0.5 = forget set indistinguishable from unseen
-data, 1.0 = recognised as training data. ★ marks, per optimizer, the best forget quality among runs keeping
+data, 1.0 = recognised as training data. KS stat.: the KS distance behind forget quality (lower is closer to
+the retain model; it moves when the p-value, with few forget questions, cannot). Diagnostics: clip frac. =
+mean fraction of Sophia's clipped (sign-step) coordinates, ρ = the ρ used, mean / total ‖Δθ‖ = per-step
+update norm (mean, sum over steps), ‖θ_T−θ_0‖ = final displacement: an optimizer that simply moved further
+shows here. With several seeds each cell is mean ± std. ★ marks, per optimizer, the best forget quality among runs keeping
 model utility at or above the stated fraction of the target model's.</p>
 {sweep_html}
 <h2>Figures</h2>

@@ -18,10 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from soul.report.pareto import FQ, MU, pareto_front
-from soul.report.results import COLUMNS, OBJECTIVE_NAMES, OPTIMIZER_NAMES, OPTIMIZER_ORDER
+from soul.report.results import COLUMNS, OBJECTIVE_NAMES, OPTIMIZER_ORDER, optimizer_label, optimizer_type
 
 ROLE_STYLE = {"target": ("*", "tab:red"), "retain": ("*", "tab:green"), "influence": ("D", "tab:purple")}
-ORDER_MARKER = {"FO": "o", "SO": "^"}
+ORDER_MARKER = {"FO": "o", "SO": "^", "sign": "s"}
 PALETTE = ["tab:blue", "tab:orange", "tab:cyan", "tab:brown", "tab:pink", "tab:olive", "tab:gray"]
 # Forget quality is a p-value that can underflow to 0; log axes need a positive floor.
 FQ_FLOOR = 1e-12
@@ -49,8 +49,9 @@ def _fq(v: float) -> float:
 
 def fq_mu_scatter(rows: Sequence[dict[str, Any]], title: str = "Forget quality vs model utility") -> bytes:
     """Scatter of the table rows: x = model utility, y = forget quality (log). Rows missing either are
-    skipped. Colour = objective, marker = optimizer order (○ first order, △ second order); the target
-    (red ★), retain (green ★) and influence (purple ◆) models are marked and labelled."""
+    skipped. Colour = objective, marker = optimizer order (○ first order, △ second order, □ sign); the
+    target (red ★), retain (green ★) and influence (purple ◆) models are marked and labelled. Rows averaged
+    over seeds carry ± std error bars on both axes."""
     fig = Figure(figsize=(7, 5))
     ax = fig.add_subplot()
     colors = _objective_colors(rows)
@@ -63,8 +64,15 @@ def fq_mu_scatter(rows: Sequence[dict[str, Any]], title: str = "Forget quality v
             marker, color = ROLE_STYLE[role]
             size = 220 if marker == "*" else 80
         else:
-            marker = ORDER_MARKER.get(OPTIMIZER_ORDER.get(row.get("optimizer") or "", ""), "s")
+            marker = ORDER_MARKER.get(OPTIMIZER_ORDER.get(row.get("optimizer_type") or row.get("optimizer") or "", ""), "D")
             color, size = colors[row["objective"]], 70
+        fq_std, mu_std = row.get("forget_quality_std"), row.get("model_utility_std")
+        if fq_std is not None or mu_std is not None:
+            # Log axis: the lower whisker stops at the floor instead of crossing zero.
+            low = None if fq_std is None else _fq(fq) - max(_fq(fq - fq_std), FQ_FLOOR)
+            yerr = None if fq_std is None else [[low], [fq_std]]
+            ax.errorbar([mu], [_fq(fq)], xerr=mu_std, yerr=yerr, fmt="none", ecolor=color, elinewidth=1,
+                        capsize=3, zorder=2)
         ax.scatter([mu], [_fq(fq)], marker=marker, s=size, color=color, edgecolor="black", linewidth=0.5,
                    label=row["label"], zorder=3)
         if role in ("target", "retain"):  # the rest are told apart by the legend (points often coincide)
@@ -80,7 +88,8 @@ def fq_mu_scatter(rows: Sequence[dict[str, Any]], title: str = "Forget quality v
 
 def loss_curves(runs: Sequence[dict[str, Any]]) -> bytes | None:
     """One panel per objective with the per-step training loss of each optimizer (solid = first order,
-    dashed = second order). None when no unlearned run has a curve."""
+    dashed = second order, dotted = sign); every seed is drawn, in one colour per optimizer, so the spread
+    shows. None when no unlearned run has a curve."""
     by_obj: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         if run.get("role", "unlearned") == "unlearned" and run.get("curve"):
@@ -93,12 +102,16 @@ def loss_curves(runs: Sequence[dict[str, Any]]) -> bytes | None:
     fig = Figure(figsize=(4.5 * cols, 3.4 * nrows))
     for k, (obj, obj_runs) in enumerate(by_obj.items()):
         ax = fig.add_subplot(nrows, cols, k + 1)
+        colors: dict[str, str] = {}
         for run in obj_runs:
             steps = [p[0] for p in run["curve"]]
             losses = [p[1] for p in run["curve"]]
-            order = OPTIMIZER_ORDER.get(run["optimizer"], "")
-            name = f"{OPTIMIZER_NAMES.get(run['optimizer'], run['optimizer'])} ({order})" if order else run["optimizer"]
-            ax.plot(steps, losses, linestyle="--" if order == "SO" else "-", marker=".", markersize=3, label=name)
+            order = OPTIMIZER_ORDER.get(optimizer_type(run), "")
+            name = optimizer_label(run)
+            first = name not in colors
+            color = colors.setdefault(name, PALETTE[len(colors) % len(PALETTE)])
+            ax.plot(steps, losses, linestyle={"SO": "--", "sign": ":"}.get(order, "-"), marker=".", markersize=3,
+                    color=color, alpha=0.85, label=name if first else None)
         ax.set_title(f"{OBJECTIVE_NAMES.get(obj, obj)}: training loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -109,7 +122,8 @@ def loss_curves(runs: Sequence[dict[str, Any]]) -> bytes | None:
 
 
 def metric_bars(rows: Sequence[dict[str, Any]]) -> bytes:
-    """A grid of bar charts, one per table column, one bar per model (forget quality on a log axis)."""
+    """A grid of bar charts, one per table column, one bar per model (forget quality on a log axis), with
+    ± std error bars for rows averaged over seeds."""
     cols = [c for c in COLUMNS if any(r.get(c.key) is not None for r in rows)]
     ncols = 4
     nrows = max(1, math.ceil(len(cols) / ncols))
@@ -119,12 +133,18 @@ def metric_bars(rows: Sequence[dict[str, Any]]) -> bytes:
     obj_colors = _objective_colors(rows)
     for r in rows:
         colors.append(ROLE_STYLE[r["role"]][1] if r["role"] in ROLE_STYLE else obj_colors[r["objective"]])
-    hatches = ["//" if OPTIMIZER_ORDER.get(r.get("optimizer") or "") == "SO" else "" for r in rows]
+    hatches = [{"SO": "//", "sign": ".."}.get(OPTIMIZER_ORDER.get(r.get("optimizer_type") or r.get("optimizer") or ""), "")
+               for r in rows]
     for k, col in enumerate(cols):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         values = [r.get(col.key) for r in rows]
         heights = [0.0 if v is None else (_fq(v) if col.key == "forget_quality" else v) for v in values]
-        bars = ax.bar(range(len(rows)), heights, color=colors, edgecolor="black", linewidth=0.4)
+        stds = [r.get(f"{col.key}_std") or 0.0 for r in rows]
+        yerr = stds if any(stds) else None
+        if yerr is not None and col.key == "forget_quality":  # log axis: clip the lower whisker at the floor
+            yerr = [[h - max(h - e, FQ_FLOOR) for h, e in zip(heights, stds)], stds]
+        bars = ax.bar(range(len(rows)), heights, color=colors, edgecolor="black", linewidth=0.4, yerr=yerr,
+                      capsize=2, error_kw={"elinewidth": 0.8})
         for bar, hatch in zip(bars, hatches):
             bar.set_hatch(hatch)
         if col.key == "forget_quality":
@@ -141,9 +161,9 @@ def metric_bars(rows: Sequence[dict[str, Any]]) -> bytes:
 def pareto_plot(points: Sequence[dict[str, Any]], target_utility: float | None = None,
                 retain: dict[str, float] | None = None, fraction: float = 0.95,
                 best: dict[str, int | None] | None = None) -> bytes:
-    """Sweep points (forget quality vs utility) coloured by optimizer, each optimizer's Pareto front as a
-    step line, the utility floor ``fraction × target_utility`` as a vertical line, and the best point at
-    that floor per optimizer circled."""
+    """Sweep points (forget quality vs utility; means with ± std whiskers when averaged over seeds) coloured
+    by optimizer, each optimizer's Pareto front as a step line, the utility floor ``fraction ×
+    target_utility`` as a vertical line, and the best point at that floor per optimizer circled."""
     fig = Figure(figsize=(7, 5))
     ax = fig.add_subplot()
     groups: dict[str, list[int]] = {}
@@ -152,9 +172,16 @@ def pareto_plot(points: Sequence[dict[str, Any]], target_utility: float | None =
     for g, (opt, idx) in enumerate(groups.items()):
         color = PALETTE[g % len(PALETTE)]
         sub = [points[i] for i in idx]
-        name = OPTIMIZER_NAMES.get(opt, opt)
+        name = optimizer_label({"optimizer": opt, "optimizer_type": sub[0].get("optimizer_type") or opt})
         ax.scatter([p[MU] for p in sub], [_fq(p[FQ]) for p in sub], color=color, alpha=0.6, s=30,
-                   marker=ORDER_MARKER.get(OPTIMIZER_ORDER.get(opt, ""), "s"), label=f"{name} settings")
+                   marker=ORDER_MARKER.get(OPTIMIZER_ORDER.get(sub[0].get("optimizer_type") or opt, ""), "D"),
+                   label=f"{name} settings")
+        for p in sub:  # settings averaged over seeds: ± std whiskers (the lower one clipped at the log floor)
+            fq_std, mu_std = p.get(f"{FQ}_std"), p.get(f"{MU}_std")
+            if fq_std or mu_std:
+                low = _fq(p[FQ]) - max(_fq(p[FQ] - (fq_std or 0.0)), FQ_FLOOR)
+                ax.errorbar([p[MU]], [_fq(p[FQ])], xerr=mu_std, yerr=[[low], [fq_std or 0.0]], fmt="none",
+                            ecolor=color, elinewidth=0.8, alpha=0.6)
         front = [sub[i] for i in pareto_front(sub)]
         ax.step([p[MU] for p in front], [_fq(p[FQ]) for p in front], where="post", color=color, linewidth=1.5,
                 label=f"{name} Pareto front")

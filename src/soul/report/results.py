@@ -31,9 +31,11 @@ OBJECTIVE_NAMES = {
     "ga": "GA", "graddiff": "GradDiff", "ga_kl": "GA+KL", "po": "PO", "npo": "NPO", "npo_rt": "NPO+RT",
     "simnpo": "SimNPO", "dpo": "DPO",
 }
-OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "sophia": "Sophia"}
-# First order (gradient only) vs second order (curvature-preconditioned).
-OPTIMIZER_ORDER = {"adamw": "FO", "sgd": "FO", "sophia": "SO"}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "sophia": "Sophia", "signum": "Signum", "lion": "Lion"}
+# First order (gradient only), second order (curvature-preconditioned), or sign steps without curvature
+# (the control that separates Sophia's clipping-to-sign from its curvature).
+OPTIMIZER_ORDER = {"adamw": "FO", "sgd": "FO", "sophia": "SO", "signum": "sign", "lion": "sign"}
+ORDER_TAGS = {"FO": "FO", "SO": "SO", "sign": "sign, no curvature"}
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,14 @@ class Column:
     bounded: bool = True     # a value in [0, 1]
     higher_is_better: bool | None = None  # None: neither (closeness to the retain model matters)
     group: str = "tofu"      # the task whose table shows it ("all": every table), see `visible_columns`
+    field: str = "agg_value"  # the entry's field holding the value
+    diagnostic: str | None = None  # a key of the run's ``diagnostics`` (soul.report.diagnostics) instead
 
 
 COLUMNS: tuple[Column, ...] = (
     Column("forget_quality", "Forget quality", ("forget_quality",), True, True),
+    # The KS distance behind forget quality: with few forget questions the p-value takes few distinct values.
+    Column("ks_statistic", "KS stat.", ("forget_quality",), True, False, field="ks_statistic"),
     Column("forget_rouge", "Forget ROUGE-L", ("forget_Q_A_ROUGE",), True, False),
     Column("forget_prob", "Forget prob.", ("forget_Q_A_Prob",), True, False),
     Column("forget_truth_ratio", "Forget truth ratio", ("forget_truth_ratio",), True, None),
@@ -66,17 +72,50 @@ COLUMNS: tuple[Column, ...] = (
     # Hazardous knowledge (task "wmdp"): multiple-choice accuracy on the forget topic and on general knowledge.
     Column("forget_mc_accuracy", "Forget MC acc.", ("forget_mc_accuracy",), True, False, "wmdp"),
     Column("utility_mc_accuracy", "Utility MC acc.", ("utility_mc_accuracy",), True, True, "wmdp"),
+    # Optimizer diagnostics (every task, shown when runs recorded them): how far each optimizer moved.
+    Column("mean_clip_fraction", "Clip frac.", (), True, None, "diagnostics", diagnostic="mean_clip_fraction"),
+    Column("rho", "ρ", (), False, None, "diagnostics", diagnostic="rho"),
+    Column("update_norm_mean", "mean ‖Δθ‖", (), False, None, "diagnostics", diagnostic="update_norm_mean"),
+    Column("update_norm_total", "total ‖Δθ‖", (), False, None, "diagnostics", diagnostic="update_norm_total"),
+    Column("displacement", "‖θ_T−θ_0‖", (), False, None, "diagnostics", diagnostic="displacement"),
     Column("wall_time_s", "Wall time", (), False, None, "all"),
 )
 METRIC_COLUMNS = tuple(c for c in COLUMNS if c.metrics)
+VALUE_COLUMNS = COLUMNS  # every column has a per-run value (`column_value`)
 
 
 def visible_columns(rows: list[dict[str, Any]]) -> tuple[Column, ...]:
     """The columns a table of `rows` shows: those of every task group with at least one value in `rows`
-    (TOFU's when none has any), plus the ``"all"`` columns — so a TOFU table is unchanged and a copyright,
-    detox or WMDP table shows its own metrics instead of empty TOFU columns."""
+    (TOFU's when none has any), the diagnostics when any run recorded them, plus the ``"all"`` columns —
+    so a TOFU table is unchanged and a copyright, detox or WMDP table shows its own metrics instead of empty
+    TOFU columns."""
     groups = {c.group for c in METRIC_COLUMNS if any(r.get(c.key) is not None for r in rows)} or {"tofu"}
+    if any(r.get(c.key) is not None for r in rows for c in COLUMNS if c.diagnostic):
+        groups.add("diagnostics")
     return tuple(c for c in COLUMNS if c.group == "all" or c.group in groups)
+
+
+def optimizer_type(run: dict[str, Any]) -> str:
+    """What `soul.optim.build_optimizer` built for `run` (its preset entry name when older results lack it)."""
+    return str(run.get("optimizer_type") or run.get("optimizer") or "?")
+
+
+def optimizer_label(run: dict[str, Any]) -> str:
+    """Display name of a run's optimizer with its kind: "AdamW (FO)", "Sophia ρ=0.04 (SO)", "Sophia ρ=auto
+    (SO)", "Signum (sign, no curvature)"; ``module:Class`` optimizers as "Class (module)"."""
+    kind = optimizer_type(run)
+    entry = str(run.get("optimizer") or kind)
+    if ":" in kind:
+        module, cls = kind.rsplit(":", 1)
+        return f"{cls} ({module})"
+    name = OPTIMIZER_NAMES.get(kind, kind)
+    rho = (run.get("config") or {}).get("rho")
+    if rho is not None and OPTIMIZER_ORDER.get(kind) == "SO":
+        name = f"{name} ρ={rho:g}" if isinstance(rho, int | float) else f"{name} ρ={rho}"
+    elif entry != kind:
+        name = f"{name} [{entry}]"  # an entry that differs in options the label does not show
+    order = OPTIMIZER_ORDER.get(kind)
+    return f"{name} ({ORDER_TAGS[order]})" if order else name
 
 
 def run_label(run: dict[str, Any]) -> str:
@@ -87,22 +126,31 @@ def run_label(run: dict[str, Any]) -> str:
     if role in ROLE_LABELS:
         return ROLE_LABELS[role]
     obj = str(run.get("objective", "?"))
-    opt = str(run.get("optimizer", "?"))
-    order = OPTIMIZER_ORDER.get(opt)
-    label = f"{OBJECTIVE_NAMES.get(obj, obj)} + {OPTIMIZER_NAMES.get(opt, opt)}"
-    return f"{label} ({order})" if order else label
+    return f"{OBJECTIVE_NAMES.get(obj, obj)} + {optimizer_label(run)}"
 
 
-def agg(metrics: dict[str, Any], names: tuple[str, ...]) -> float | None:
-    """The ``agg_value`` of the first of `names` present in `metrics` (None when none is, or it is null)."""
+def agg(metrics: dict[str, Any], names: tuple[str, ...], field: str = "agg_value") -> float | None:
+    """The `field` (``agg_value``) of the first of `names` present in `metrics` (None when none is, or it
+    is null)."""
     for name in names:
         entry = metrics.get(name)
-        if isinstance(entry, dict) and "agg_value" in entry:
-            value = entry["agg_value"]
+        if isinstance(entry, dict) and field in entry:
+            value = entry[field]
             return None if value is None else float(value)
-        if isinstance(entry, int | float):  # an already-reduced results file
+        if isinstance(entry, int | float) and field == "agg_value":  # an already-reduced results file
             return float(entry)
     return None
+
+
+def column_value(run: dict[str, Any], col: Column) -> float | None:
+    """One run's value of column `col`: an eval metric or an optimizer diagnostic."""
+    if col.diagnostic:
+        value = (run.get("diagnostics") or {}).get(col.diagnostic)
+        return None if value is None else float(value)
+    if col.key == "wall_time_s":
+        wt = run.get("wall_time_s")
+        return None if wt is None else float(wt)
+    return agg(run.get("metrics", {}) or {}, col.metrics, col.field)
 
 
 def _validate_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -125,37 +173,75 @@ def _validate_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def ordered_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Runs in table order: target, retain, then unlearned runs grouped by objective (in order of first
-    appearance) with first order before second order, then one-shot influence."""
+    appearance) with first order before second order before sign methods, then one-shot influence."""
     runs = _validate_runs(results)
     objectives: list[str] = []
     for run in runs:
         if run.get("role", "unlearned") == "unlearned" and run["objective"] not in objectives:
             objectives.append(run["objective"])
     role_rank = {"target": 0, "retain": 1, "unlearned": 2, "influence": 3}
-    order_rank = {"FO": 0, "SO": 1}
+    order_rank = {"FO": 0, "SO": 1, "sign": 2}
 
     def key(item: tuple[int, dict[str, Any]]) -> tuple[int, int, int, int]:
         i, run = item
         role = run.get("role", "unlearned")
         if role != "unlearned":
             return (role_rank[role], 0, 0, i)
-        return (2, objectives.index(run["objective"]), order_rank.get(OPTIMIZER_ORDER.get(run["optimizer"], ""), 2), i)
+        return (2, objectives.index(run["objective"]), order_rank.get(OPTIMIZER_ORDER.get(optimizer_type(run), ""), 3), i)
 
     return [run for _, run in sorted(enumerate(runs), key=key)]
 
 
-def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per run (see `ordered_runs`): ``{"name", "label", "role", "optimizer", <column keys>}``."""
-    rows = []
+def run_group(run: dict[str, Any]) -> str:
+    """The setting a run belongs to (every seed of ``graddiff-sophia`` shares it); a run without a group
+    (a reference model, influence, older results) is its own."""
+    return str(run.get("group") or run.get("name") or run_label(run))
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation with n − 1) of `values`; std is None below two values."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per setting (the runs of every seed of one group; order of `ordered_runs`): ``{"name" (the
+    group), "label", "role", "objective", "optimizer", "optimizer_type", "seeds", "runs" (run names), "n"
+    (runs), "values": {<column key>: {"mean", "std" (sample, n − 1; None below 2 values), "n"}}}``. Missing
+    values are left out (their column's ``n`` is smaller)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for run in ordered_runs(results):
-        metrics = run.get("metrics", {})
-        row: dict[str, Any] = {"name": run.get("name", run_label(run)), "label": run_label(run),
-                               "role": run.get("role", "unlearned"), "objective": run.get("objective"),
-                               "optimizer": run.get("optimizer")}
-        for col in METRIC_COLUMNS:
-            row[col.key] = agg(metrics, col.metrics)
-        wt = run.get("wall_time_s")
-        row["wall_time_s"] = None if wt is None else float(wt)
+        groups.setdefault(run_group(run), []).append(run)
+    out = []
+    for group, runs in groups.items():
+        first = runs[0]
+        entry: dict[str, Any] = {"name": group, "label": run_label(first),
+                                 "optimizer_label": optimizer_label(first) if first.get("optimizer") else None,
+                                 "role": first.get("role", "unlearned"),
+                                 "objective": first.get("objective"), "optimizer": first.get("optimizer"),
+                                 "optimizer_type": optimizer_type(first) if first.get("optimizer") else None,
+                                 "seeds": [r.get("seed") for r in runs if r.get("seed") is not None],
+                                 "runs": [r.get("name") for r in runs], "n": len(runs), "values": {}}
+        for col in VALUE_COLUMNS:
+            values = [v for v in (column_value(r, col) for r in runs) if v is not None]
+            mean, std = mean_std(values)
+            entry["values"][col.key] = {"mean": mean, "std": std, "n": len(values)}
+        out.append(entry)
+    return out
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table: `aggregate` flattened, one row per setting with ``<column key>`` = the mean over seeds
+    and ``<column key>_std`` its standard deviation (None for one seed)."""
+    rows = []
+    for entry in aggregate(results):
+        row = {k: v for k, v in entry.items() if k != "values"}
+        for key, stats in entry["values"].items():
+            row[key], row[f"{key}_std"] = stats["mean"], stats["std"]
         rows.append(row)
     return rows
 
@@ -250,6 +336,8 @@ def reduce_run(run: dict[str, Any], n_examples: int = 3) -> dict[str, Any]:
             out["metrics"][k] = {"agg_value": v["agg_value"]}
         elif isinstance(v, int | float) and not isinstance(v, bool):
             out["metrics"][k] = {"agg_value": float(v)}
+        if isinstance(v, dict) and "ks_statistic" in v:  # forget quality's KS distance (a table column)
+            out["metrics"][k]["ks_statistic"] = v["ks_statistic"]
     out["examples"] = run.get("examples") or {s: extract_examples(metrics, s, n_examples)
                                               for s in ("forget", "retain")}
     curve = run.get("curve")
@@ -263,5 +351,6 @@ def reduce_results(results: dict[str, Any], n_examples: int = 3) -> dict[str, An
     _validate_runs(results)
     out = {k: v for k, v in results.items() if k != "runs"}
     out["runs"] = [reduce_run(r, n_examples) for r in results["runs"]]
+    out["aggregate"] = aggregate(results)
     out["table"] = table_rows(results)
     return out

@@ -7,11 +7,16 @@ from typing import Any
 from soul.report.results import Column, visible_columns
 
 
-def format_value(col: Column, value: float | None) -> str:
+def format_value(col: Column, value: float | None, std: float | None = None) -> str:
     """Forget quality is a p-value spanning many decades: scientific notation below 0.01. Wall time in
-    seconds (or m:ss). Everything else 3 decimals. Missing values print as "–"."""
+    seconds (or m:ss). Diagnostics (norms, ρ) 3 significant digits. Everything else 3 decimals. Missing
+    values print as "–"; with a standard deviation (several seeds) the cell is "mean ± std"."""
     if value is None:
         return "–"
+    if std is not None:
+        return f"{format_value(col, value)} ± {format_value(col, std)}"
+    if col.diagnostic and col.key != "mean_clip_fraction":
+        return f"{value:.3g}"
     if col.key == "wall_time_s":
         if value < 60:
             return f"{value:.1f} s"
@@ -25,7 +30,7 @@ def format_value(col: Column, value: float | None) -> str:
 def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     columns = visible_columns(rows)
     header = ["Method"] + [c.title for c in columns]
-    body = [[row["label"]] + [format_value(c, row.get(c.key)) for c in columns] for row in rows]
+    body = [[row["label"]] + [format_value(c, row.get(c.key), row.get(f"{c.key}_std")) for c in columns] for row in rows]
     return header, body
 
 

@@ -17,8 +17,9 @@ from soul.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from soul.report import plots
 from soul.report.html import render_html
 from soul.report.pareto import FQ, MU, best_at_utility, pareto_front
-from soul.report.results import METRIC_COLUMNS, OPTIMIZER_NAMES, check_row_ranges, reduce_results, table_rows
+from soul.report.results import METRIC_COLUMNS, check_row_ranges, optimizer_label, reduce_results, table_rows
 from soul.report.table import markdown_table, text_table
+from soul.report.verdict import verdicts
 
 BEST_MARK = "★"
 
@@ -44,33 +45,101 @@ def best_marks(rows: list[dict[str, Any]], fraction: float = 0.95) -> dict[str, 
     return {cand[i]["name"]: BEST_MARK for i in best.values() if i is not None}
 
 
-def sweep_summary(sweep: dict[str, Any], t_mu: float | None, fraction: float) -> dict[str, Any]:
-    """Pareto front per optimizer and best point at the utility floor, for a sweep's points."""
-    points = sweep.get("points") or []
-    by_opt: dict[str, list[int]] = {}
+SWEEP_RESERVED = {"name", "group", "seed", "optimizer", "optimizer_type", FQ, MU}
+
+
+def sweep_settings(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sweep's points averaged over seeds: one per setting (a point's ``group``, else its name, else
+    the point itself) with ``forget_quality``/``model_utility`` = means, ``*_std`` sample std (None for
+    one seed), ``n``, ``seeds`` and the setting's options (lr, gamma, ...)."""
+    from soul.report.results import mean_std
+
+    groups: dict[str, list[dict[str, Any]]] = {}
     for i, p in enumerate(points):
-        by_opt.setdefault(str(p.get("optimizer")), []).append(i)
-    fronts = {opt: [idx[j] for j in pareto_front([points[i] for i in idx])] for opt, idx in by_opt.items()}
-    best = best_at_utility(points, t_mu, fraction) if t_mu is not None else {}
-    return {"fronts": fronts, "best": best, "target_utility": t_mu, "fraction": fraction}
+        groups.setdefault(str(p.get("group") or p.get("name") or f"#{i}"), []).append(p)
+    settings = []
+    for group, pts in groups.items():
+        first = pts[0]
+        setting = {k: v for k, v in first.items() if k not in SWEEP_RESERVED}
+        setting.update({"group": group, "optimizer": first.get("optimizer"),
+                        "optimizer_type": first.get("optimizer_type") or first.get("optimizer"),
+                        "n": len(pts), "seeds": [p["seed"] for p in pts if p.get("seed") is not None]})
+        for key in (FQ, MU):
+            values = [float(p[key]) for p in pts if isinstance(p.get(key), int | float)]
+            setting[key], setting[f"{key}_std"] = mean_std(values)
+        settings.append(setting)
+    return settings
+
+
+def edge_warnings(settings: list[dict[str, Any]], best: dict[str, int | None], axis: str = "lr") -> list[str]:
+    """A warning per optimizer whose best setting's `axis` value (the learning rate) is the smallest or the
+    largest its grid tried: the optimum may lie outside the grid, so the comparison is not at its best."""
+    out = []
+    for opt, i in best.items():
+        if i is None or axis not in settings[i]:
+            continue
+        tried = sorted({s[axis] for s in settings if str(s.get("optimizer")) == opt and axis in s})
+        value = settings[i][axis]
+        if len(tried) < 2:
+            out.append(f"{opt}: only {axis}={value} was tried; the best {axis} is unknown")
+        elif value in (tried[0], tried[-1]):
+            side = "smallest" if value == tried[0] else "largest"
+            out.append(f"{opt}: the best {axis} ({value:g}) is the {side} of the grid {tried}; widen the grid")
+    return out
+
+
+def sweep_summary(sweep: dict[str, Any], t_mu: float | None, fraction: float) -> dict[str, Any]:
+    """Per optimizer: the Pareto front and the best setting at the utility floor, over the sweep's points
+    averaged over seeds (`sweep_settings`; indices refer to ``settings``), plus grid-edge warnings."""
+    settings = sweep_settings(sweep.get("points") or [])
+    usable = [i for i, s in enumerate(settings) if s[FQ] is not None and s[MU] is not None]
+    by_opt: dict[str, list[int]] = {}
+    for i in usable:
+        by_opt.setdefault(str(settings[i].get("optimizer")), []).append(i)
+    fronts = {opt: [idx[j] for j in pareto_front([settings[i] for i in idx])] for opt, idx in by_opt.items()}
+    best: dict[str, int | None] = {}
+    if t_mu is not None:
+        sub = best_at_utility([settings[i] for i in usable], t_mu, fraction)
+        best = {opt: (None if j is None else usable[j]) for opt, j in sub.items()}
+    return {"settings": settings, "fronts": fronts, "best": best, "target_utility": t_mu, "fraction": fraction,
+            "edge_warnings": edge_warnings(settings, best)}
+
+
+def _pm(mean: float | None, std: float | None, fmt: str) -> str:
+    if mean is None:
+        return "–"
+    return format(mean, fmt) + (f" ± {format(std, fmt)}" if std is not None else "")
 
 
 def _sweep_html(sweep: dict[str, Any], summary: dict[str, Any]) -> str:
-    points = sweep.get("points") or []
-    keys = [k for k in ("lr", "gamma", "steps") if any(k in p for p in points)]
-    head = "".join(f"<th>{k}</th>" for k in ["optimizer", *keys, "forget quality", "model utility", "on front"])
+    settings = summary["settings"]
+    keys = sorted({k for s in settings for k in s} - SWEEP_RESERVED - {"n", "seeds"},
+                  key=lambda k: (k != "lr", k))
+    head = "".join(f"<th>{escape(k)}</th>" for k in ["optimizer", *keys, "forget quality", "model utility", "seeds",
+                                                     "on front"])
     rows = []
     front = {i for idx in summary["fronts"].values() for i in idx}
     best = {i for i in summary["best"].values() if i is not None}
-    for i, p in enumerate(points):
+    for i, p in enumerate(settings):
         mark = f" {BEST_MARK}" if i in best else ""
-        cells = [OPTIMIZER_NAMES.get(str(p.get("optimizer")), str(p.get("optimizer"))) + mark]
+        cells = [optimizer_label({"optimizer": p.get("optimizer"), "optimizer_type": p.get("optimizer_type"),
+                                  "config": p}) + mark]
         cells += [str(p.get(k, "")) for k in keys]
-        cells += [f"{p[FQ]:.3g}", f"{p[MU]:.3f}", "yes" if i in front else ""]
+        cells += [_pm(p[FQ], p.get(f"{FQ}_std"), ".3g"), _pm(p[MU], p.get(f"{MU}_std"), ".3f"), str(p["n"]),
+                  "yes" if i in front else ""]
         rows.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
+    best_rows = []
+    for opt, i in summary["best"].items():
+        s = settings[i] if i is not None else {}
+        best_rows.append(f"<li>{escape(opt)}: " + (
+            f"best lr {escape(str(s.get('lr', '–')))}, forget quality {escape(_pm(s[FQ], s.get(FQ + '_std'), '.3g'))}, "
+            f"model utility {escape(_pm(s[MU], s.get(MU + '_std'), '.3f'))}" if s else
+            "no setting keeps the utility floor") + "</li>")
+    warn = "".join(f"<li><b>WARNING</b>: {escape(w)}</li>" for w in summary["edge_warnings"])
     obj = escape(str(sweep.get("objective", "")))
-    return (f"<h2>Sweep ({obj})</h2><p>★ = per optimizer, best forget quality with model utility ≥ "
-            f"{summary['fraction']:.0%} of the target's.</p><table><thead><tr>{head}</tr></thead>"
+    return (f"<h2>Sweep ({obj})</h2><p>Means ± std over seeds. ★ = per optimizer, best forget quality with "
+            f"model utility ≥ {summary['fraction']:.0%} of the target's.</p><h3>Each optimizer at its best "
+            f"setting</h3><ul>{''.join(best_rows)}{warn}</ul><table><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
@@ -110,25 +179,35 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
         compact["sweep"] = {**sweep, **summary}
         retain = next(({FQ: r.get("forget_quality"), MU: r.get("model_utility")} for r in rows
                        if r["role"] == "retain"), None)
-        png = plots.pareto_plot(sweep["points"], summary["target_utility"], retain, fraction, summary["best"])
+        png = plots.pareto_plot(summary["settings"], summary["target_utility"], retain, fraction, summary["best"])
         images["Sweep: Pareto front of forget quality vs model utility"] = png
         files["pareto.png"] = write_bytes_atomic(out / "pareto.png", png)
         sweep_html = _sweep_html(sweep, summary)
 
     compact["best_at_utility"] = {"fraction": fraction, "runs": sorted(marks)}
+    compact["verdicts"] = verdicts(rows)
+    sentences = [v["sentence"] for v in compact["verdicts"]]
     compact["problems"] = problems
     files["results.json"] = write_json_atomic(out / "results.json", compact)
     md = markdown_table(rows, marks)
+    if any(r.get("n", 1) > 1 for r in rows):
+        md += "\nCells: mean ± std over seeds (sample std).\n"
     if marks:
         md += f"\n{BEST_MARK} per optimizer: best forget quality at model utility ≥ {fraction:.0%} of the target's.\n"
+    if sentences:
+        md += "\n## Verdict\n\n" + "".join(f"- {s}\n" for s in sentences)
     files["table.md"] = write_text_atomic(out / "table.md", md)
     notes = [f"{k}: {v}" for k, v in (compact.get("meta") or {}).items() if isinstance(v, str | int | float)]
     notes += [f"WARNING: {p}" for p in problems]
+    if sweep_html:
+        notes += [f"WARNING: {w}" for w in compact["sweep"]["edge_warnings"]]
     html = render_html(title=title, rows=rows, runs=compact["runs"], images=images, marks=marks, notes=notes,
-                       sweep_html=sweep_html)
+                       sweep_html=sweep_html, verdicts=sentences)
     files["report.html"] = write_text_atomic(out / "report.html", html)
     if stream is not None:
         print(text_table(rows, marks), file=stream)
+        for sentence in sentences:
+            print(sentence, file=stream)
         for p in problems:
             print(f"WARNING: {p}", file=stream)
         print(f"report written to {out / 'report.html'}", file=stream)

@@ -1,0 +1,137 @@
+"""`reproduce` and `sweep`: the stages of `soul.pipeline.stages`, top to bottom."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from soul.pipeline.common import Progress, base_model, resolve_device
+from soul.pipeline.grid import select, sweep_grid, unlearn_configs
+from soul.pipeline.preset import Preset, load_preset
+from soul.pipeline.stages import evaluate_run, influence_run, reference_models, unlearning_run
+from soul.report import write_report
+from soul.report.results import run_label
+
+PresetLike = str | os.PathLike | dict[str, Any] | Preset
+
+
+def _meta(preset: Preset, command: str) -> dict[str, Any]:
+    import torch
+
+    task = preset.task_impl
+    return {"command": command, "task": preset.task, "preset": preset.name, "preset_file": preset.where,
+            "description": preset.description, "model": preset.model,
+            "data": str(preset.data.get("source", "bundled")), "forget_split": task.splits(preset)[0],
+            "seeds": ", ".join(map(str, preset.seeds)), "device": resolve_device(preset.device),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _stream(stream: TextIO | str | None) -> TextIO | None:
+    return sys.stderr if stream == "stderr" else stream  # type: ignore[return-value]
+
+
+def _with_examples(preset: Preset, runs: list[dict[str, Any]]) -> None:
+    """The report's example generations, for tasks whose metrics the report cannot read itself."""
+    task = preset.task_impl
+    for run in runs:
+        examples = task.examples(run["metrics"])
+        if examples is not None:
+            run.setdefault("examples", examples)
+
+
+def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bool = False,
+              stream: TextIO | str | None = "stderr", only: list[str] | None = None,
+              seeds: list[int] | None = None) -> dict[str, Any]:
+    """Run the whole comparison for `preset` and write the report into `out_dir`; returns the results
+    structure (see `soul.report.results`). `only` restricts the grid to run names (``graddiff-sophia-s1``),
+    groups (``graddiff-sophia``: every seed) or ``influence``; `seeds` replaces the preset's seeds.
+    Everything is checked before any model is loaded. Unlearned models are discarded after evaluation
+    unless `keep_models` (saved under ``out_dir/runs/<name>/model``)."""
+    preset = load_preset(preset)
+    if seeds is not None:
+        preset = preset.with_seeds(seeds)
+    specs = select(unlearn_configs(preset), only, ("influence",) if preset.influence is not None else ())
+    do_influence = preset.influence is not None and (not only or "influence" in only)
+    stream = _stream(stream)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(stream, 4, "reproduce")
+    with base_model(preset.model) as base:
+        # 1. reference models (and their evaluations)
+        ctx = reference_models(preset, out, progress, base)
+        runs = ctx["runs"]
+        # 2 + 3. every unlearning run, evaluated as soon as it is trained (one model in memory at a time)
+        n = len(specs) + int(do_influence)
+        against = "the retain reference" if ctx["reference"] is not None else "the task's metrics"
+        progress.stage(3, f"unlearning: {n} runs ({len(preset.seeds)} seed(s)), each evaluated against {against}")
+        for i, spec in enumerate(specs, 1):
+            progress.say(f"run {i}/{n}: {spec['name']} ({spec['objective']} + {spec['optimizer']}, seed {spec['seed']})")
+            model, tokenizer, run = unlearning_run(spec, ctx["target_path"], preset, ctx["data"],
+                                                   out / "runs" / spec["name"], keep_models)
+            progress.say(f"run {i}/{n}: {spec['name']} trained in {run['wall_time_s']:.1f} s; evaluating")
+            run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
+                                          out / "eval" / f"{spec['name']}.json")
+            del model
+            runs.append(run)
+        if do_influence:
+            progress.say(f"run {n}/{n}: influence (one-shot Newton step)")
+            model, tokenizer, run = influence_run(ctx["target_path"], preset, ctx["data"])
+            run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
+                                          out / "eval" / "influence.json")
+            del model
+            runs.append(run)
+    # 4. report
+    progress.stage(4, f"writing the report to {out}")
+    _with_examples(preset, runs)
+    results = {"meta": _meta(preset, "reproduce"), "runs": runs}
+    write_report(results, out, stream=sys.stdout if stream is not None else None)
+    return results
+
+
+def sweep(preset: PresetLike, out_dir: str | os.PathLike, *, stream: TextIO | str | None = "stderr",
+          seeds: list[int] | None = None) -> dict[str, Any]:
+    """Grid over the preset's ``sweep.grid`` per optimizer × seed; the report shows the Pareto front and, per
+    optimizer, the best setting (forget quality at model utility ≥ 95 % of the target's, means over seeds),
+    warning when it lies at the edge of the grid's learning rates."""
+    preset = load_preset(preset)
+    if seeds is not None:
+        preset = preset.with_seeds(seeds)
+    if not preset.task_impl.supports_sweep:
+        raise ValueError(f"preset {preset.where}: `soul sweep` needs task 'tofu' (forget quality vs model "
+                         f"utility), not {preset.task!r}; use `soul reproduce` for this task")
+    specs = sweep_grid(preset)
+    stream = _stream(stream)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(stream, 4, "sweep")
+    points = []
+    with base_model(preset.model) as base:
+        ctx = reference_models(preset, out, progress, base)
+        runs = ctx["runs"]
+        progress.stage(3, f"sweep: {len(specs)} runs")
+        for i, spec in enumerate(specs, 1):
+            progress.say(f"run {i}/{len(specs)}: {spec['optimizer']} {spec['point']} seed {spec['seed']}")
+            model, tokenizer, run = unlearning_run(spec, ctx["target_path"], preset, ctx["data"],
+                                                   out / "runs" / spec["name"], False)
+            res = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
+                               out / "eval" / f"{spec['name']}.json")
+            del model
+            run["metrics"] = res
+            run["label"] = run_label(run) + " " + " ".join(f"{k}={v}" for k, v in spec["point"].items())
+            runs.append(run)
+            points.append({"name": spec["name"], "group": spec["group"], "seed": spec["seed"],
+                           "optimizer": spec["optimizer"], "optimizer_type": spec["optimizer_type"], **spec["point"],
+                           "forget_quality": res["forget_quality"]["agg_value"],
+                           "model_utility": res["model_utility"]["agg_value"]})
+    progress.stage(4, f"writing the report to {out}")
+    results = {"meta": _meta(preset, "sweep"), "runs": runs,
+               "sweep": {"objective": preset.sweep.objective if preset.sweep else "", "points": points,
+                         "axes": {opt: list(axes) for opt, axes in (preset.sweep.grid if preset.sweep else {}).items()}}}
+    write_report(results, out, title="soul sweep: forget quality vs model utility",
+                 stream=sys.stdout if stream is not None else None)
+    return results

@@ -1,0 +1,111 @@
+"""Helpers every pipeline stage and task shares: content hashes, model loading, progress messages.
+
+Nothing here imports another `soul.pipeline` module, so tasks and stages can both use it without a cycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # annotations only: the preset module imports the task registry, which imports this one
+    from soul.pipeline.preset import Preset
+
+CACHE_VERSION = 1  # bump when the meaning of a cached model or result changes
+
+
+def sha(obj: Any) -> str:
+    """SHA-256 of `obj`'s canonical JSON (sorted keys; non-JSON values by their str)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def hash_records(records: list[dict]) -> str:
+    """SHA-256 of the records' canonical JSON (key order and whitespace do not matter)."""
+    return sha(records)
+
+
+_FULL_HASH_LIMIT = 1 << 30  # files up to 1 GiB are hashed whole; bigger ones by size + head + tail
+
+
+def model_fingerprint(name_or_path: str | os.PathLike) -> str:
+    """A content hash of a local model directory (every file's name and bytes; files over 1 GiB by size and
+    their first and last 16 MiB), or ``hub:<id>`` for a hub id (which the hub versions itself)."""
+    from soul.models import resolve_model_path
+
+    resolved = Path(resolve_model_path(name_or_path))
+    if not resolved.is_dir():
+        return f"hub:{name_or_path}"
+    h = hashlib.sha256()
+    for f in sorted(p for p in resolved.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = f.relative_to(resolved).as_posix()
+        if rel in ("run.json", "train_log.jsonl") or rel.startswith("checkpoints/"):
+            continue  # bookkeeping, not weights: a cached model hashes the same as its plain copy
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= _FULL_HASH_LIMIT:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            else:
+                h.update(fh.read(1 << 24))
+                fh.seek(size - (1 << 24))
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+class Progress:
+    """Stage / run messages on a stream (the training loop draws its own step bars with ETA)."""
+
+    def __init__(self, stream: TextIO | None, n_stages: int, prefix: str = "soul") -> None:
+        self.stream, self.n_stages, self.prefix = stream, n_stages, prefix
+        self.t0 = time.perf_counter()
+
+    def say(self, msg: str) -> None:
+        if self.stream is not None:
+            elapsed = time.perf_counter() - self.t0
+            print(f"[{self.prefix} {elapsed:6.0f}s] {msg}", file=self.stream, flush=True)
+
+    def stage(self, i: int, name: str) -> None:
+        self.say(f"stage {i}/{self.n_stages}: {name}")
+
+
+@contextlib.contextmanager
+def base_model(spec: str) -> Iterator[str]:
+    """A loadable path or id for the preset's ``model``; ``tiny:<family>`` builds a tiny random model from
+    `soul.testing` and saves it to a temporary directory for the duration of the run."""
+    if not spec.startswith("tiny:"):
+        yield spec
+        return
+    from soul.models import save_model
+    from soul.testing import tiny_model
+
+    model, tokenizer = tiny_model(spec.split(":", 1)[1])
+    tmp = Path(tempfile.mkdtemp(prefix="soul-tiny-"))
+    try:
+        save_model(model, tokenizer, tmp / "model")
+        yield str(tmp / "model")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load(path: str, preset: Preset):
+    """(model, tokenizer) of `path` in the preset's dtype on its device."""
+    from soul.models import load_model
+
+    return load_model(path, dtype=preset.dtype, device=resolve_device(preset.device))

@@ -1,0 +1,81 @@
+"""The runs a preset asks for: the objective × optimizer × seed grid of `soul reproduce` and the per-optimizer
+option grid × seed of `soul sweep`. Pure functions of the preset (no data, no models).
+
+A *spec* is ``{"name", "group", "objective", "optimizer", "optimizer_type", "seed", "config"}`` (sweep specs
+add ``"point"``): ``name`` is unique per run (``graddiff-sophia-s1``), ``group`` is the same for every seed of
+one setting (``graddiff-sophia``) and is what the report aggregates over; ``optimizer`` is the preset's
+optimizer entry name and ``optimizer_type`` what `soul.optim.build_optimizer` builds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only (preset.py imports this module)
+    from soul.pipeline.preset import Preset
+
+
+def _per_seed(preset: Preset, group: str, base: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    specs = []
+    for seed in preset.seeds:
+        # The seed drives data order and GNB label sampling (the preset cannot set it per run: see preset.py).
+        config = {**cfg, "seed": seed}
+        # The model must see the prompt format it was fine-tuned with, in every stage.
+        config.setdefault("prompt_format", preset.prompt_format)
+        specs.append({**base, "name": f"{group}-s{config['seed']}", "group": group, "seed": config["seed"],
+                      "config": config})
+    return specs
+
+
+def unlearn_configs(preset: Preset) -> list[dict[str, Any]]:
+    """One spec per objective × optimizer entry × seed; options ``common`` < objective < optimizer entry <
+    ``overrides["<objective>/<entry>"]``. Every run gets the same step budget (``max_steps``/epochs from
+    ``common``) unless an override changes it on purpose."""
+    unl = preset.unlearn
+    specs = []
+    for obj, obj_cfg in unl.objectives.items():
+        for name, entry in unl.optimizers.items():
+            cfg = {**unl.common, **obj_cfg, **entry.options, **unl.overrides.get(f"{obj}/{name}", {})}
+            base = {"objective": obj, "optimizer": name, "optimizer_type": entry.optimizer}
+            specs += _per_seed(preset, f"{obj}-{name}", base, cfg)
+    return specs
+
+
+def sweep_grid(preset: Preset) -> list[dict[str, Any]]:
+    """One spec per grid point × seed: per optimizer, the Cartesian product of its option lists (e.g. lr ×
+    gamma × max_steps) over the sweep's base options (``unlearn.common`` < the objective's options < the
+    optimizer entry's < ``sweep.base`` < the point)."""
+    sw = preset.sweep
+    if sw is None or not sw.grid:
+        raise ValueError(f"preset {preset.where}: sweep.grid: missing (a mapping optimizer -> option -> values)")
+    unl = preset.unlearn
+    base = {**unl.common, **unl.objectives.get(sw.objective, {})}
+    specs = []
+    for opt, axes in sw.grid.items():
+        entry = unl.optimizers.get(opt)
+        kind = entry.optimizer if entry else opt
+        opt_base = {**base, **(entry.options if entry else {}), **sw.base}
+        keys = list(axes)
+        for values in itertools.product(*axes.values()):
+            point = dict(zip(keys, values))
+            tag = "-".join(f"{k}{v}" for k, v in point.items())
+            specs += [{**s, "point": point} for s in _per_seed(
+                preset, f"sweep-{sw.objective}-{opt}-{tag}",
+                {"objective": sw.objective, "optimizer": opt, "optimizer_type": kind}, {**opt_base, **point})]
+    return specs
+
+
+def select(specs: list[dict[str, Any]], only: list[str] | None, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The specs `only` names (a run name ``graddiff-sophia-s1``, a group ``graddiff-sophia`` for all its
+    seeds), all when `only` is empty. A name matching nothing (nor one of `extra`, e.g. ``influence``) is a
+    ValueError listing what exists, raised before anything runs."""
+    if not only:
+        return specs
+    known = {s["name"] for s in specs} | {s["group"] for s in specs} | set(extra)
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        groups = sorted({s["group"] for s in specs})
+        raise ValueError(f"--only {' '.join(unknown)}: no such run; runs: {', '.join(groups + list(extra))} "
+                         f"(add -s<seed> for one seed)")
+    return [s for s in specs if s["name"] in only or s["group"] in only]

@@ -1,0 +1,475 @@
+"""The typed `soul reproduce` / `soul sweep` preset: `load_preset` reads a YAML file (or a mapping) and
+checks every key, at every depth, before any data is read or model loaded.
+
+Schema (top level; all optional except where a task needs them)::
+
+    name, description: str
+    task: tofu | copyright | detox | wmdp           (soul.pipeline.tasks)
+    model: str                                     (a hub id, a local path, or "tiny:<family>")
+    dtype: str | null;  device: str ("auto");  prompt_format: str (task default)
+    data: {...}                                    (keys per task: Task.data_keys)
+    forget_split, retain_split, holdout_split: str;  utility_splits: [str];  max_questions: int   (tofu)
+    target, retain: {model: str, finetune: {<TrainConfig option>: value}}
+    unlearn:
+      common: {<TrainConfig option>: value}
+      objectives: {<objective name in soul.objectives.OBJECTIVES>: {<option>: value}}
+      optimizers: {<entry name>: {optimizer: <soul.optim name, default: the entry name>, <option>: value}}
+      overrides: {"<objective>/<optimizer entry>": {<option>: value}}
+    influence: {<influence_unlearn option> | batch_size | max_retain_batches: value} | null
+    eval: {...}                                    (keys per task: Task.eval_keys)
+    sweep: {objective: str, base: {<option>: value}, grid: {<optimizer entry or name>: {<option>: [values]}}}
+    seed: int (0);  seeds: [int] ([seed])
+    progress_bars: bool
+    attacks: {<attack name>: {...}}                (reserved for soul.attack; validated as a mapping only)
+
+Options are `soul.train.TrainConfig` fields, type-checked from its annotations (``lr: "fast"`` fails);
+each run's merged options then go through `soul.train.make_config`, and objective coefficients through
+`soul.objectives.build_objective`. An *optimizer entry* names a run column: ``sophia-auto: {optimizer:
+sophia, rho: auto}`` runs Sophia with ρ = auto under the name ``sophia-auto``. Every error is a
+`PresetError` (a ValueError) of one line: ``preset <file>: <key path>: <what is wrong>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soul.pipeline.grid import sweep_grid, unlearn_configs
+from soul.pipeline.tasks import TASKS, Task
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESET_PREFIX = "reproduce-"
+DEFAULT_OBJECTIVES = ("graddiff", "po", "npo")
+DEFAULT_OPTIMIZERS = ("adamw", "sophia")
+# Optimizer names the optimizer factory gains on the `optim` branch; accepted here so presets naming them
+# validate before that merge (build_optimizer still rejects them at run time until it knows them).
+FORTHCOMING_OPTIMIZERS = ("signum", "lion")
+LIB_OPTIMIZER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "pytorch_optimizer:Lion"
+AUTO_OPTIONS = {"rho": "auto"}  # options that may be a keyword instead of a number
+INFLUENCE_EXTRA = ("batch_size", "max_retain_batches")
+# TrainConfig options the pipeline sets itself for every run (from the task and the command line).
+PIPELINE_OPTIONS = ("forget_split", "retain_split", "split", "progress")
+
+
+class PresetError(ValueError):
+    """A bad preset: ``preset <file>: <key path>: <problem>``."""
+
+    def __init__(self, where: str, path: str, problem: str) -> None:
+        self.where, self.path, self.problem = where, path, problem
+        super().__init__(f"preset {where}: {path + ': ' if path else ''}{problem}")
+
+
+@dataclass
+class OptimizerEntry:
+    """One optimizer column of the grid: `name` labels the runs, `optimizer` is what `build_optimizer`
+    builds, `options` are TrainConfig options (lr, rho, hessian_interval, ...)."""
+
+    name: str
+    optimizer: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reference:
+    """A reference model (target or retain): a ready `model`, or a fine-tune of the base with `finetune`."""
+
+    model: str | None = None
+    finetune: dict[str, Any] | None = None
+
+
+@dataclass
+class Unlearn:
+    common: dict[str, Any] = field(default_factory=dict)
+    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
+    optimizers: dict[str, OptimizerEntry] = field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Sweep:
+    objective: str = "graddiff"
+    base: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+
+
+@dataclass
+class Preset:
+    """A validated preset (see the module docstring). `where` is the file it came from (for messages)."""
+
+    name: str
+    where: str
+    task: str = "tofu"
+    description: str = ""
+    model: str = "smollm2-135m"
+    dtype: str | None = None
+    device: str = "auto"
+    prompt_format_option: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    forget_split: str = "forget10"
+    retain_split: str | None = None
+    holdout_split: str | None = None
+    utility_splits: list[str] = field(default_factory=list)
+    max_questions: int | None = None
+    target: Reference = field(default_factory=Reference)
+    retain: Reference = field(default_factory=Reference)
+    unlearn: Unlearn = field(default_factory=Unlearn)
+    influence: dict[str, Any] | None = None
+    eval: dict[str, Any] = field(default_factory=dict)
+    sweep: Sweep | None = None
+    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])
+    progress_bars: bool = True
+    attacks: dict[str, Any] | None = None
+
+    @property
+    def task_impl(self) -> Task:
+        return TASKS[self.task]()
+
+    @property
+    def prompt_format(self) -> str:
+        """The preset's prompt format, else the task's default (``raw`` for text corpora, ``auto`` else)."""
+        return self.prompt_format_option or self.task_impl.default_prompt_format
+
+    def with_seeds(self, seeds: list[int]) -> Preset:
+        """A copy running `seeds` instead (the command line's ``--seeds``)."""
+        checked = _Checker(self.where).seeds(seeds, "seeds")
+        return dataclasses.replace(self, seeds=checked)
+
+
+TOP_KEYS = ("name", "description", "task", "model", "dtype", "device", "data", "forget_split", "retain_split",
+            "holdout_split", "utility_splits", "max_questions", "target", "retain", "unlearn", "influence",
+            "eval", "sweep", "seed", "seeds", "progress_bars", "prompt_format", "attacks")
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def list_presets() -> list[str]:
+    return sorted(p.stem.removeprefix(PRESET_PREFIX) for p in PRESET_DIR.glob(f"{PRESET_PREFIX}*.yaml"))
+
+
+def read_preset(name_or_path: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """The raw mapping of a preset (name → ``presets/reproduce-<name>.yaml``, a YAML path, or a dict), with
+    ``name`` filled in and ``_where`` naming its file; not validated (`load_preset` does that). Use it to
+    edit a shipped preset before running it."""
+    import yaml
+
+    if isinstance(name_or_path, dict):
+        data = copy.deepcopy(name_or_path)
+        data.setdefault("_where", "preset dict")
+        return data
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PRESET_DIR / f"{PRESET_PREFIX}{name_or_path}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown reproduce preset {str(name_or_path)!r}; available: "
+                         f"{', '.join(list_presets()) or 'none'} (or give a path to a YAML file)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"preset {path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"preset {path}: expected a mapping, got {type(data).__name__}")
+    data.setdefault("name", path.stem.removeprefix(PRESET_PREFIX))
+    data["_where"] = str(path)
+    return data
+
+
+def load_preset(name_or_path: str | os.PathLike | dict[str, Any] | Preset) -> Preset:
+    """A validated `Preset` from a name, a YAML path or a mapping (see `read_preset`); raises `PresetError`
+    naming the file and the key path of the first problem."""
+    if isinstance(name_or_path, Preset):
+        return name_or_path
+    raw = read_preset(name_or_path)
+    where = str(raw.pop("_where"))
+    return _build(raw, _Checker(where))
+
+
+# ------------------------------------------------------------------------------------------------ checking
+def _train_fields() -> dict[str, str]:
+    """TrainConfig field name → its annotation (a string: the module uses postponed annotations)."""
+    from soul.train.config import TrainConfig
+
+    return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+
+
+def _optimizer_names() -> set[str]:
+    from soul.optim.factory import _ALIASES, OPTIMIZERS
+
+    return set(OPTIMIZERS) | set(_ALIASES) | set(FORTHCOMING_OPTIMIZERS)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+class _Checker:
+    """Type and key checks that raise `PresetError` with the preset file and the key path."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self._fields: dict[str, str] | None = None
+
+    def fail(self, path: str, problem: str) -> PresetError:
+        return PresetError(self.where, path, problem)
+
+    @property
+    def fields(self) -> dict[str, str]:
+        if self._fields is None:
+            self._fields = _train_fields()
+        return self._fields
+
+    def mapping(self, value: Any, path: str, *, allow_none: bool = True) -> dict[str, Any]:
+        if value is None and allow_none:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+
+    def keys(self, value: dict[str, Any], known: tuple[str, ...] | set[str], path: str, what: str = "key") -> None:
+        import difflib
+
+        for key in value:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.fail(f"{path}.{key}" if path else str(key),
+                                f"unknown {what}{hint}; known: {sorted(known)}")
+
+    def typed(self, value: Any, path: str, kind: type | tuple[type, ...], *, allow_none: bool = False) -> Any:
+        if value is None and allow_none:
+            return None
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = any(_is_number(value) if k is float else
+                 (isinstance(value, int) and not isinstance(value, bool)) if k is int else isinstance(value, k)
+                 for k in kinds)
+        if not ok:
+            names = " or ".join("number" if k is float else k.__name__ for k in kinds)
+            raise self.fail(path, f"must be {names}{' or null' if allow_none else ''}, got {value!r}")
+        return value
+
+    def seeds(self, value: Any, path: str) -> list[int]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(path, f"must be a non-empty list of integers, got {value!r}")
+        for i, s in enumerate(value):
+            self.typed(s, f"{path}[{i}]", int)
+        if len(set(value)) != len(value):
+            raise self.fail(path, f"has a repeated seed: {value!r}")
+        return list(value)
+
+    def option(self, key: str, value: Any, path: str) -> Any:
+        """One TrainConfig option, type-checked from the field's annotation."""
+        ann = self.fields[key]
+        if value is None:
+            if "None" not in ann:
+                raise self.fail(path, f"must not be null ({key}: {ann})")
+            return value
+        if AUTO_OPTIONS.get(key) == value:
+            return value
+        if key == "optimizer":
+            self.optimizer_name(value, path)
+        elif key == "objective":
+            self.objective_name(value, path, allow_finetune=True)
+        elif ann.startswith("bool"):
+            self.typed(value, path, bool)
+        elif ann.startswith("int"):
+            self.typed(value, path, int)
+        elif ann.startswith("float"):
+            if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string; make_config accepts it
+                try:
+                    value = float(value)
+                except ValueError:
+                    extra = f" or {AUTO_OPTIONS[key]!r}" if key in AUTO_OPTIONS else ""
+                    raise self.fail(path, f"must be a number{extra}, got {value!r}") from None
+            self.typed(value, path, float)
+        elif ann.startswith("str"):
+            self.typed(value, path, str)
+        elif ann.startswith("list"):
+            self.typed(value, path, list)
+        elif ann.startswith("dict"):
+            self.typed(value, path, dict)
+        return value
+
+    def options(self, value: Any, path: str, *, extra: tuple[str, ...] = (),
+                fixed: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A mapping of TrainConfig options (plus `extra` keys, returned unchecked); `fixed` options are set
+        by the preset's structure (e.g. the objective of a run) and are an error here."""
+        opts = self.mapping(value, path)
+        known = set(self.fields) | set(extra)
+        self.keys(opts, known, path, "option")
+        for key in fixed:
+            if key in opts:
+                where = ("the preset's seeds (one run per seed)" if key == "seed" else
+                         "the grid (unlearn.objectives / unlearn.optimizers entries)")
+                raise self.fail(f"{path}.{key}", f"{key} is set by {where}, not as an option here")
+        for key in PIPELINE_OPTIONS:
+            if key in opts:
+                raise self.fail(f"{path}.{key}", f"{key} is set by the pipeline for every run (from the task "
+                                                 "and the preset's splits), not as an option")
+        return {k: (v if k in extra else self.option(k, v, f"{path}.{k}")) for k, v in opts.items()}
+
+    def optimizer_name(self, value: Any, path: str) -> str:
+        self.typed(value, path, str)
+        if value.lower() not in _optimizer_names() and not LIB_OPTIMIZER.match(value):
+            raise self.fail(path, f"unknown optimizer {value!r}; known: {sorted(_optimizer_names())} or "
+                                  "'<module>:<Class>'")
+        return value
+
+    def objective_name(self, value: Any, path: str, *, allow_finetune: bool = False) -> str:
+        from soul.objectives import OBJECTIVES
+
+        self.typed(value, path, str)
+        if value not in OBJECTIVES and not (allow_finetune and value == "finetune"):
+            raise self.fail(path, f"unknown objective {value!r}; known: {sorted(OBJECTIVES)}")
+        return value
+
+    def run_config(self, cfg: dict[str, Any], objective: str, optimizer: str, path: str) -> None:
+        """The merged options of one run through `make_config` and `build_objective` (value checks)."""
+        from soul.objectives import build_objective
+        from soul.train.config import make_config
+
+        checked = {k: v for k, v in cfg.items() if AUTO_OPTIONS.get(k) != v}
+        try:
+            make_config(checked, objective=objective, optimizer=optimizer)
+            if objective != "finetune":
+                build_objective(objective, **{k: cfg[k] for k in ("gamma", "alpha", "beta", "delta") if k in cfg})
+        except ValueError as err:
+            raise self.fail(path, str(err)) from None
+
+
+# ------------------------------------------------------------------------------------------------ building
+def _reference(c: _Checker, value: Any, path: str) -> Reference:
+    spec = c.mapping(value, path)
+    c.keys(spec, ("model", "finetune"), path)
+    model = c.typed(spec.get("model"), f"{path}.model", str, allow_none=True)
+    ft = c.options(spec["finetune"], f"{path}.finetune") if spec.get("finetune") is not None else None
+    return Reference(model=model, finetune=ft)
+
+
+def _unlearn(c: _Checker, value: Any) -> Unlearn:
+    unl = c.mapping(value, "unlearn")
+    c.keys(unl, ("common", "objectives", "optimizers", "overrides"), "unlearn")
+    run_keys = ("objective", "optimizer", "seed")
+    common = c.options(unl.get("common"), "unlearn.common", fixed=run_keys)
+    objectives = c.mapping(unl.get("objectives"), "unlearn.objectives") or {o: {} for o in DEFAULT_OBJECTIVES}
+    objs = {}
+    for name, opts in objectives.items():
+        c.objective_name(name, f"unlearn.objectives.{name}")
+        objs[name] = c.options(opts, f"unlearn.objectives.{name}", fixed=run_keys)
+    optimizers = c.mapping(unl.get("optimizers"), "unlearn.optimizers") or {o: {} for o in DEFAULT_OPTIMIZERS}
+    entries = {}
+    for name, opts in optimizers.items():
+        path = f"unlearn.optimizers.{name}"
+        opts = c.options(opts, path, fixed=("objective", "seed"))
+        kind = opts.pop("optimizer", None) or c.optimizer_name(str(name), path)
+        entries[str(name)] = OptimizerEntry(name=str(name), optimizer=kind, options=opts)
+    overrides = c.mapping(unl.get("overrides"), "unlearn.overrides")
+    over = {}
+    for key, opts in overrides.items():
+        path = f"unlearn.overrides.{key}"
+        obj, _, opt = str(key).partition("/")
+        if obj not in objs or opt not in entries:
+            raise c.fail(path, f"expected '<objective>/<optimizer entry>' of this preset: objectives "
+                               f"{sorted(objs)}, optimizers {sorted(entries)}")
+        over[str(key)] = c.options(opts, path, fixed=run_keys)
+    return Unlearn(common=common, objectives=objs, optimizers=entries, overrides=over)
+
+
+def _sweep(c: _Checker, value: Any, unl: Unlearn) -> Sweep | None:
+    if value is None:
+        return None
+    sw = c.mapping(value, "sweep")
+    c.keys(sw, ("objective", "base", "grid"), "sweep")
+    objective = c.objective_name(sw.get("objective", "graddiff"), "sweep.objective")
+    base = c.options(sw.get("base"), "sweep.base", fixed=("objective", "optimizer", "seed"))
+    grid = {}
+    for opt, axes in c.mapping(sw.get("grid"), "sweep.grid").items():
+        path = f"sweep.grid.{opt}"
+        if opt not in unl.optimizers:
+            c.optimizer_name(str(opt), path)
+        axes = c.mapping(axes, path)
+        c.keys(axes, set(c.fields), path, "option")
+        for key in ("objective", "optimizer", "seed", *PIPELINE_OPTIONS):
+            if key in axes:
+                raise c.fail(f"{path}.{key}", f"{key} cannot be a sweep axis (seeds: the preset's seeds)")
+        grid[str(opt)] = {}
+        for key, values in axes.items():
+            values = values if isinstance(values, list) else [values]
+            if not values:
+                raise c.fail(f"{path}.{key}", "an empty list of values")
+            grid[str(opt)][key] = [c.option(key, v, f"{path}.{key}[{i}]") for i, v in enumerate(values)]
+    return Sweep(objective=objective, base=base, grid=grid)
+
+
+def _influence(c: _Checker, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    import inspect
+
+    from soul.optim.influence import influence_unlearn
+
+    params = inspect.signature(influence_unlearn).parameters
+    known = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} | set(INFLUENCE_EXTRA)
+    cfg = c.mapping(value, "influence")
+    c.keys(cfg, known, "influence", "option")
+    for key in INFLUENCE_EXTRA:
+        c.typed(cfg.get(key), f"influence.{key}", int, allow_none=True)
+    return cfg
+
+
+def _build(raw: dict[str, Any], c: _Checker) -> Preset:
+    c.keys(raw, TOP_KEYS, "")
+    task = raw.get("task", "tofu")
+    if task not in TASKS:
+        raise c.fail("task", f"task {task!r} is not supported by `soul reproduce`; supported: {list(TASKS)}")
+    impl = TASKS[task]()
+    s = lambda key, default=None: c.typed(raw.get(key, default), key, str, allow_none=True)  # noqa: E731
+    data = c.mapping(raw.get("data"), "data")
+    c.keys(data, impl.data_keys, "data")
+    ev = c.mapping(raw.get("eval"), "eval")
+    c.keys(ev, impl.eval_keys, "eval")
+    seed = c.typed(raw.get("seed", 0), "seed", int)
+    seeds = c.seeds(raw["seeds"], "seeds") if "seeds" in raw else [seed]
+    utility = raw.get("utility_splits")
+    if utility is not None:
+        c.typed(utility, "utility_splits", list)
+        for i, u in enumerate(utility):
+            c.typed(u, f"utility_splits[{i}]", str)
+    attacks = raw.get("attacks")
+    if attacks is not None:  # executed by soul.attack once wired; here only its shape is checked
+        attacks = c.mapping(attacks, "attacks")
+        for key, spec in attacks.items():
+            c.mapping(spec, f"attacks.{key}")
+    unl = _unlearn(c, raw.get("unlearn"))
+    preset = Preset(
+        name=str(raw.get("name", "preset")), where=c.where, task=task,
+        description=str(raw.get("description", "")), model=str(raw.get("model", "smollm2-135m")),
+        dtype=s("dtype"), device=s("device", "auto") or "auto", prompt_format_option=s("prompt_format"),
+        data=data, forget_split=s("forget_split", "forget10") or "forget10", retain_split=s("retain_split"),
+        holdout_split=s("holdout_split"), utility_splits=list(utility) if utility is not None else [],
+        max_questions=c.typed(raw.get("max_questions"), "max_questions", int, allow_none=True),
+        target=_reference(c, raw.get("target"), "target"), retain=_reference(c, raw.get("retain"), "retain"),
+        unlearn=unl, influence=_influence(c, raw.get("influence")), eval=ev, sweep=_sweep(c, raw.get("sweep"), unl),
+        seed=seed, seeds=seeds, progress_bars=c.typed(raw.get("progress_bars", True), "progress_bars", bool),
+        attacks=attacks)
+    if utility is None and task == "tofu":
+        preset.utility_splits = list(impl.default_utility_splits)
+    impl.check(preset, c.fail)
+    _check_runs(preset, c)
+    return preset
+
+
+def _check_runs(preset: Preset, c: _Checker) -> None:
+    """Every run's merged options are a valid TrainConfig and objective (value ranges, coefficients)."""
+    for spec in unlearn_configs(preset):
+        c.run_config(spec["config"], spec["objective"], spec["optimizer_type"], f"unlearn run {spec['group']}")
+    if preset.sweep is not None and preset.sweep.grid:
+        for spec in sweep_grid(preset):
+            c.run_config(spec["config"], spec["objective"], spec["optimizer_type"], f"sweep run {spec['group']}")
+    for role in ("target", "retain"):
+        ft = getattr(preset, role).finetune
+        if ft:
+            c.run_config(ft, "finetune", "adamw", f"{role}.finetune")

@@ -1,0 +1,116 @@
+"""TOFU (and the bundled fictitious-author benchmark): forget quality against a retain model, model utility,
+MIA. The target is fine-tuned on ``full`` and the retain model on the retain split, unless named."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from soul.pipeline.common import hash_records, sha
+from soul.pipeline.tasks.base import Fail, Task
+
+if TYPE_CHECKING:
+    from soul.pipeline.preset import Preset
+
+DEFAULT_UTILITY_SPLITS = ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed")
+
+
+def derived_split(forget_split: str, kind: str) -> str:
+    """``forget10`` → ``retain90`` (kind "retain") or ``holdout10`` (kind "holdout")."""
+    m = re.fullmatch(r"forget(\d{2})", forget_split)
+    if not m:
+        raise ValueError(f"cannot derive the {kind} split from forget split {forget_split!r}; set {kind}_split")
+    pct = int(m.group(1))
+    return f"retain{100 - pct:02d}" if kind == "retain" else f"holdout{pct:02d}"
+
+
+class TofuTask(Task):
+    name = "tofu"
+    data_keys = ("source", "bundled")
+    eval_keys = ("batch_size", "generation_batch_size", "max_new_tokens", "min_k", "prompt_format")
+    reference_roles = ("target", "retain")
+    supports_sweep = True
+    report_group = "tofu"
+    default_utility_splits: ClassVar[tuple[str, ...]] = DEFAULT_UTILITY_SPLITS
+
+    def check(self, preset: Preset, fail: Fail) -> None:
+        bundled = preset.data.get("bundled")
+        if bundled is not None and not isinstance(bundled, dict):
+            raise fail("data.bundled", f"expected a mapping of soul.data.bundled_dir options, got {bundled!r}")
+        for kind in ("retain", "holdout"):
+            if getattr(preset, f"{kind}_split") is None:
+                try:
+                    derived_split(preset.forget_split, kind)
+                except ValueError as err:
+                    raise fail("forget_split", str(err)) from None
+
+    def splits(self, preset: Preset) -> tuple[str, str]:
+        return preset.forget_split, preset.retain_split or derived_split(preset.forget_split, "retain")
+
+    def holdout(self, preset: Preset) -> str:
+        return preset.holdout_split or derived_split(preset.forget_split, "holdout")
+
+    def source(self, preset: Preset) -> str:
+        source = str(preset.data.get("source", "bundled"))
+        if source == "bundled" and preset.data.get("bundled"):
+            from soul.data import bundled_dir
+
+            return str(bundled_dir(**preset.data["bundled"]))
+        return source
+
+    def finetunes(self, role: str, preset: Preset) -> bool:
+        return not getattr(preset, role).model  # TOFU always has both reference models
+
+    def reference_split(self, role: str, preset: Preset) -> str:
+        return "full" if role == "target" else self.splits(preset)[1]
+
+    def load_data(self, preset: Preset) -> dict[str, Any]:
+        """Every split the pipeline needs, by name, evaluation sets capped at ``max_questions`` (first N)."""
+        from soul.data import load_split
+
+        source = self.source(preset)
+        forget, retain = self.splits(preset)
+        holdout = self.holdout(preset)
+        names = {"full", forget, retain, holdout, *preset.utility_splits}
+        splits: dict[str, Any] = {name: load_split(source, name) for name in sorted(names)}
+        for name in (holdout, *preset.utility_splits):
+            splits[name] = self.cap(splits[name], preset)
+        splits["_forget_eval"] = self.cap(splits[forget], preset)
+        return splits
+
+    def eval_splits(self, preset: Preset, data: dict[str, Any]) -> tuple[dict[str, list[dict]], list[dict]]:
+        splits = {preset.forget_split: data["_forget_eval"]}
+        for name in preset.utility_splits:
+            splits[name] = data[name]
+        return splits, data[self.holdout(preset)]
+
+    def eval_kwargs(self, preset: Preset) -> dict[str, Any]:
+        ev = preset.eval
+        return {"batch_size": ev.get("batch_size", 16), "generation_batch_size": ev.get("generation_batch_size"),
+                "max_new_tokens": ev.get("max_new_tokens", 200), "min_k": ev.get("min_k", 0.4),
+                "prompt_format": ev.get("prompt_format", preset.prompt_format_option or "auto")}
+
+    def evaluate(self, model: Any, tokenizer: Any, preset: Preset, data: dict[str, Any],
+                 reference: dict[str, Any] | None) -> dict[str, Any]:
+        from soul.eval import evaluate
+
+        splits, holdout = self.eval_splits(preset, data)
+        return evaluate(model, tokenizer, splits, forget_split_name=preset.forget_split,
+                        retain_reference=reference, holdout=holdout, **self.eval_kwargs(preset))
+
+    def eval_cache_key(self, preset: Preset, data: dict[str, Any], reference: dict[str, Any] | None) -> Any:
+        splits, holdout = self.eval_splits(preset, data)
+        return {"eval": self.eval_kwargs(preset), "data": {k: hash_records(v) for k, v in splits.items()},
+                "holdout": hash_records(holdout),
+                "reference": None if reference is None else sha(reference.get("forget_truth_ratio"))}
+
+    def prepare_reference(self, role: str, results: dict[str, Any]) -> None:
+        """The retain model's own row: forget quality of its truth ratios against themselves (KS p = 1)."""
+        if role != "retain":
+            return
+        from soul.eval.metrics import ks_forget_quality
+
+        trs = [v["score"] for v in results["forget_truth_ratio"]["value_by_index"].values()]
+        p, d = ks_forget_quality(trs, trs)
+        results["forget_quality"] = {"agg_value": p, "value_by_index": {}, "ks_statistic": d, "n": len(trs),
+                                     "note": "the retain model is the reference: compared with itself"}

@@ -1,0 +1,94 @@
+"""The verdict sentence of a comparison, computed from the table's numbers rather than written by hand.
+
+Rule (per objective; the baseline is its first-order row — AdamW, else the first FO row; every other
+unlearned optimizer row of that objective is compared with it):
+
+* an *interval* is mean ± std over seeds (sample std, n − 1);
+* forget quality (higher is better): the other optimizer **beats** the baseline when its interval lies
+  entirely above the baseline's (lower end > the baseline's upper end), is **worse** when it lies entirely
+  below, and otherwise there is **no difference measured**;
+* model utility qualifies a win: when the other optimizer's utility interval lies entirely below the
+  baseline's, a forget-quality win becomes **mixed** (better forgetting bought with utility);
+* fewer than two seeds on either side give no interval: the verdict is "no difference measured" and says
+  why (one seed measures no spread);
+* **moved further**: when the other run's total update norm Σ‖Δθ_t‖ (mean over seeds) exceeds 1.5 × the
+  baseline's, the sentence says so: a larger effective step, not the method, may explain a difference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from soul.report.results import OBJECTIVE_NAMES, OPTIMIZER_ORDER
+
+MOVED_FURTHER = 1.5  # ratio of total update norms above which the sentence warns
+BEATS, WORSE, MIXED, NO_DIFFERENCE = "beats", "worse", "mixed", "no difference measured"
+
+
+def _interval(row: dict[str, Any], key: str) -> tuple[float, float] | None:
+    mean, std = row.get(key), row.get(f"{key}_std")
+    if mean is None or std is None or row.get("n", 1) < 2:
+        return None
+    return mean - std, mean + std
+
+
+def _fmt(row: dict[str, Any], key: str) -> str:
+    mean, std = row.get(key), row.get(f"{key}_std")
+    if mean is None:
+        return "–"
+    return f"{mean:.3g} ± {std:.2g}" if std is not None else f"{mean:.3g}"
+
+
+def compare(other: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The verdict of table row `other` against baseline row `base` (see the module docstring):
+    ``{"objective", "optimizer", "baseline", "verdict", "moved_further", "norm_ratio", "sentence"}``."""
+    fq_o, fq_b = _interval(other, "forget_quality"), _interval(base, "forget_quality")
+    mu_o, mu_b = _interval(other, "model_utility"), _interval(base, "model_utility")
+    reason = ""
+    if fq_o is None or fq_b is None:
+        verdict = NO_DIFFERENCE
+        reason = " (fewer than two seeds: no spread measured)" if other.get("forget_quality") is not None else ""
+    elif fq_o[0] > fq_b[1]:
+        verdict = MIXED if (mu_o is not None and mu_b is not None and mu_o[1] < mu_b[0]) else BEATS
+    elif fq_o[1] < fq_b[0]:
+        verdict = WORSE
+    else:
+        verdict = NO_DIFFERENCE
+    tot_o, tot_b = other.get("update_norm_total"), base.get("update_norm_total")
+    ratio = tot_o / tot_b if tot_o is not None and tot_b else None
+    moved = ratio is not None and ratio > MOVED_FURTHER
+    obj = OBJECTIVE_NAMES.get(str(other.get("objective")), str(other.get("objective")))
+    phrase = {BEATS: "beats", WORSE: "is worse than", MIXED: "forgets better but loses utility against",
+              NO_DIFFERENCE: "shows no difference measured against"}[verdict]
+    name_o, name_b = (r.get("optimizer_label") or r["label"] for r in (other, base))
+    sentence = (f"{obj}: {name_o} {phrase} {name_b}{reason}: forget quality "
+                f"{_fmt(other, 'forget_quality')} vs {_fmt(base, 'forget_quality')}, model utility "
+                f"{_fmt(other, 'model_utility')} vs {_fmt(base, 'model_utility')} "
+                f"(n = {other.get('n', 1)} vs {base.get('n', 1)} seeds).")
+    if moved:
+        sentence += (f" It moved further: total ‖Δθ‖ {tot_o:.3g} vs {tot_b:.3g} ({ratio:.1f}×), so a larger "
+                     "effective step may explain the difference.")
+    return {"objective": other.get("objective"), "optimizer": other.get("optimizer"),
+            "baseline": base.get("optimizer"), "verdict": verdict, "moved_further": moved,
+            "norm_ratio": ratio, "sentence": sentence}
+
+
+def _order(row: dict[str, Any]) -> str | None:
+    return OPTIMIZER_ORDER.get(str(row.get("optimizer_type") or row.get("optimizer")))
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One `compare` per (objective, non-baseline optimizer) among the unlearned rows of the table."""
+    out = []
+    by_obj: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("role") == "unlearned":
+            by_obj.setdefault(str(row.get("objective")), []).append(row)
+    for obj_rows in by_obj.values():
+        fo = [r for r in obj_rows if _order(r) == "FO"]
+        base = next((r for r in fo if (r.get("optimizer_type") or r.get("optimizer")) == "adamw"), None) or (
+            fo[0] if fo else None)
+        if base is None:
+            continue
+        out += [compare(r, base) for r in obj_rows if r is not base]
+    return out
