@@ -75,6 +75,13 @@ def _run(args: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("lm_eval") is None:  # fail before minutes of TOFU evaluation
             raise CLIError(LM_EVAL_MISSING)
+    if args.report_to:
+        from soul.train.trackers import check_report_to
+
+        try:
+            check_report_to(args.report_to)
+        except ValueError as err:
+            raise CLIError(str(err).replace("option 'report_to'", "--report-to")) from None
     forget_name, holdout_name = _forget_names(args.forget_split)
     forget = load_split(args.data, forget_name)
     splits: dict[str, list[dict]] = {"forget": forget}
@@ -122,6 +129,12 @@ def _run(args: argparse.Namespace) -> int:
 
         for path in write_open_unlearning(results, args.open_unlearning_dir):
             print(f"soul eval: wrote {path}", file=sys.stderr)
+    if args.report_to:
+        from soul.train.trackers import log_eval_metrics
+
+        tracker_dir = Path(args.tracker_dir or Path(args.out).parent / "trackers")
+        log_eval_metrics(results, args.report_to, tracker_dir)
+        print(f"soul eval: logged the metrics to {args.report_to} ({tracker_dir})", file=sys.stderr)
     summary = {k: v["agg_value"] for k, v in results.items() if isinstance(v, dict) and "agg_value" in v}
     print(json.dumps(summary, indent=1))
     print(f"soul eval: wrote {args.out}", file=sys.stderr)
@@ -144,6 +157,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="results JSON (written atomically); required")
     p.add_argument("--open-unlearning-dir", metavar="DIR", help="also write the results in open-unlearning's "
                    "layout: DIR/TOFU_EVAL.json and DIR/TOFU_SUMMARY.json (same key names)")
+    p.add_argument("--report-to", default=None, metavar="TRACKERS",
+                   help="also log every metric's agg_value (eval/<metric>) to tensorboard|wandb|mlflow|trackio "
+                   "(comma-separated)")
+    p.add_argument("--tracker-dir", default=None, help="tracker files (default: 'trackers' next to --out)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per scoring forward pass")
     p.add_argument("--generation-batch-size", type=int, default=None,
                    help="rows per greedy decoding step (default: 2 × --batch-size)")

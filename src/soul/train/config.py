@@ -71,6 +71,7 @@ class TrainConfig:
     keep_checkpoints: bool = False
     resume: bool = False
     progress: bool = True
+    report_to: list[str] | None = None  # experiment trackers (soul.train.trackers): tensorboard, wandb, …
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes copied into run.json
 
     def validate(self) -> TrainConfig:
@@ -103,6 +104,10 @@ class TrainConfig:
             raise ValueError("option 'keep_best' needs probes: set probe_every > 0 or probe_each_epoch")
         if self.betas is not None and len(self.betas) != 2:
             raise ValueError(f"option 'betas' must be two numbers, got {self.betas!r}")
+        if self.report_to:
+            from soul.train.trackers import check_report_to
+
+            check_report_to(self.report_to)
         return self
 
     def to_dict(self) -> dict[str, Any]:
