@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from soul.cli import main
 from soul.models import save_model
 from soul.testing import tiny_model
@@ -18,7 +20,8 @@ def test_soul_eval_on_the_real_tofu_files(real_tofu_dir, tmp_path, monkeypatch, 
         {"forget_truth_ratio": {"agg_value": 0.5, "value_by_index": {k: {"score": v} for k, v in ratios.items()}}}))
     argv = ["eval", "--model", str(tmp_path / "model"), "--data", str(real_tofu_dir), "--forget-split", "forget01",
             "--retain-reference", str(tmp_path / "TOFU_EVAL.json"), "--max-new-tokens", "2", "--batch-size", "64",
-            "--out", str(tmp_path / "res.json"), "--open-unlearning-dir", str(tmp_path / "ou")]
+            "--out", str(tmp_path / "res.json"), "--open-unlearning-dir", str(tmp_path / "ou"),
+            "--report-to", "tensorboard"]
     assert main(argv) == 0
     res = json.loads((tmp_path / "res.json").read_text())
     assert res["meta"]["splits"]["forget"]["n"] == 40 and res["meta"]["forget_split"] == "forget01_perturbed"
@@ -31,3 +34,8 @@ def test_soul_eval_on_the_real_tofu_files(real_tofu_dir, tmp_path, monkeypatch, 
     summary = json.loads((tmp_path / "ou" / "TOFU_SUMMARY.json").read_text())
     assert summary["forget_quality"] == res["forget_quality"]["agg_value"]
     assert summary["ra_Truth_Ratio"] == res["ra_Truth_Ratio"]["agg_value"]
+    from tests.train.test_trackers import read_scalars
+
+    logged = read_scalars(tmp_path / "trackers")
+    assert logged["eval/forget_quality"] == {0: pytest.approx(res["forget_quality"]["agg_value"])}
+    assert logged["eval/ra_Truth_Ratio"] == {0: pytest.approx(res["ra_Truth_Ratio"]["agg_value"])}
