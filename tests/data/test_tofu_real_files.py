@@ -120,3 +120,17 @@ def test_tofu_subset_expands_the_source_variable(real_tofu_dir, monkeypatch):
     monkeypatch.delenv("SOUL_TEST_TOFU")
     with pytest.raises(ValueError, match="SOUL_TEST_TOFU is not set"):
         tofu_subset("${SOUL_TEST_TOFU}", "forget05")
+
+
+def test_the_tofu_cpu_preset_subset_builds_on_the_real_files(real_tofu_dir, monkeypatch):
+    from soul.pipeline import load_preset
+
+    preset = load_preset("tofu-cpu")
+    monkeypatch.setenv("SOUL_TOFU_DIR", str(real_tofu_dir))
+    data = preset["data"]
+    splits = tofu_subset(data["source"], preset["forget_split"], **data["subset"])
+    needed = {"full", preset["forget_split"], preset["retain_split"], preset["holdout_split"],
+              *preset["utility_splits"]}
+    assert needed <= set(splits)
+    assert len(splits["full"]) == 20 * (2 + data["subset"]["n_retain_authors"])
+    assert len(splits["forget01"]) == preset["max_questions"]
