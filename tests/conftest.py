@@ -36,3 +36,14 @@ def smollm2():
     from soul.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_tofu_dir():
+    """TOFU's published JSON files (``$SOUL_TOFU_DIR`` or a ``shared/data/tofu`` above the checkout)."""
+    from soul.data import find_tofu_dir
+
+    found = find_tofu_dir()
+    if found is None:
+        pytest.skip("real TOFU files not found: set SOUL_TOFU_DIR to a directory holding TOFU's full.json etc.")
+    return found

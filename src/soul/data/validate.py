@@ -83,13 +83,22 @@ def check_tokenises(records: Sequence[dict], field: str, tokenizer, file: str) -
             raise DataError(file, f"tokenises to no tokens ({value!r:.60})", index=i, field=field)
 
 
-def qa_required_fields(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(required string fields, required list fields) for a TOFU split called `name`.
+# Splits of real-world questions (TOFU's real_authors*, world_facts*): the truth ratio compares the answer itself
+# with its perturbations, so TOFU publishes them without paraphrases.
+NO_PARAPHRASE_PREFIXES = ("real_authors", "world_facts")
 
-    Every split needs ``question`` and ``answer``; the ``*_perturbed`` splits (used for the truth ratio) also
-    need ``paraphrased_answer`` and ``perturbed_answer``.
+
+def qa_required_fields(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required string fields, required list fields) for a TOFU split called `name`, as TOFU publishes them.
+
+    Every split needs ``question`` and ``answer``. The ``*_perturbed`` splits (used for the truth ratio) also
+    need ``perturbed_answer``; those of the fictitious authors (``forget*``, ``retain*``, ``holdout*``) need
+    ``paraphrased_answer`` too, while ``real_authors_perturbed`` and ``world_facts_perturbed`` carry none (their
+    truth ratio uses the answer itself).
     """
     if name.endswith("_perturbed"):
+        if name.startswith(NO_PARAPHRASE_PREFIXES):
+            return ("question", "answer"), ("perturbed_answer",)
         return ("question", "answer", "paraphrased_answer"), ("perturbed_answer",)
     return ("question", "answer"), ()
 

@@ -1,8 +1,10 @@
 """Evaluation: TOFU metrics with a retain-model reference, MIA, memorisation, copyright, multiple choice,
-toxicity and optional lm-eval tasks. ``soul.evaluate`` is `soul.eval.evaluate`."""
+toxicity and optional lm-eval tasks. ``soul.evaluate`` is `soul.eval.evaluate`; `soul.eval.interop` reads
+open-unlearning / TOFU results as retain references and writes open-unlearning's layout."""
 
 from __future__ import annotations
 
+from soul.eval.interop import normalise_reference, reference_format, to_open_unlearning, write_open_unlearning
 from soul.eval.results import load_reference, load_results
 from soul.eval.tofu import evaluate, reference_stats
 from soul.io import write_json_atomic
@@ -13,10 +15,14 @@ __all__ = [
     "load_reference",
     "load_results",
     "multiple_choice_eval",
+    "normalise_reference",
+    "reference_format",
     "reference_stats",
     "run_lm_eval",
+    "to_open_unlearning",
     "toxicity_eval",
     "write_json_atomic",
+    "write_open_unlearning",
 ]
 
 

@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.out:
         raise CLIError("--out is required (the results JSON to write)")
     if args.retain_model and args.retain_results:
-        raise CLIError("give either --retain-model or --retain-results, not both")
+        raise CLIError("give either --retain-model or --retain-reference, not both")
     if args.lm_eval:
         import importlib.util
 
@@ -75,6 +75,13 @@ def _run(args: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("lm_eval") is None:  # fail before minutes of TOFU evaluation
             raise CLIError(LM_EVAL_MISSING)
+    if args.report_to:
+        from soul.train.trackers import check_report_to
+
+        try:
+            check_report_to(args.report_to)
+        except ValueError as err:
+            raise CLIError(str(err).replace("option 'report_to'", "--report-to")) from None
     forget_name, holdout_name = _forget_names(args.forget_split)
     forget = load_split(args.data, forget_name)
     splits: dict[str, list[dict]] = {"forget": forget}
@@ -85,7 +92,16 @@ def _run(args: argparse.Namespace) -> int:
             splits[role] = records
     holdout = None if args.no_holdout else _optional_split(load_split, args.data, holdout_name)
 
-    reference: Any = args.retain_results
+    reference: Any = None
+    if args.retain_results:
+        from soul.eval.results import load_reference
+
+        try:  # read and check it now, before any model is loaded
+            reference = load_reference(args.retain_results)
+        except (OSError, ValueError) as err:
+            raise CLIError(str(err)) from None
+        print(f"soul eval: retain reference {args.retain_results} ({reference['meta']['reference_format']} format)",
+              file=sys.stderr)
     if args.retain_model:
         reference, where = cached_reference(args.retain_model, forget, holdout, prompt_format=args.prompt_format,
                                             batch_size=args.batch_size, min_k=args.min_k, dtype=args.dtype,
@@ -97,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
                        generation_batch_size=args.generation_batch_size,
                        max_new_tokens=args.max_new_tokens, min_k=args.min_k)
     results["meta"].update({"model": str(args.model), "data": str(args.data), "forget_split": forget_name})
+    if args.retain_results:
+        results["meta"]["retain_reference"] = str(args.retain_results)
     if args.lm_eval:
         from soul.eval.harness import run_lm_eval
 
@@ -106,6 +124,17 @@ def _run(args: argparse.Namespace) -> int:
         except ImportError as err:
             raise CLIError(str(err)) from None
     write_json_atomic(args.out, results)
+    if args.open_unlearning_dir:
+        from soul.eval.interop import write_open_unlearning
+
+        for path in write_open_unlearning(results, args.open_unlearning_dir):
+            print(f"soul eval: wrote {path}", file=sys.stderr)
+    if args.report_to:
+        from soul.train.trackers import log_eval_metrics
+
+        tracker_dir = Path(args.tracker_dir or Path(args.out).parent / "trackers")
+        log_eval_metrics(results, args.report_to, tracker_dir)
+        print(f"soul eval: logged the metrics to {args.report_to} ({tracker_dir})", file=sys.stderr)
     summary = {k: v["agg_value"] for k, v in results.items() if isinstance(v, dict) and "agg_value" in v}
     print(json.dumps(summary, indent=1))
     print(f"soul eval: wrote {args.out}", file=sys.stderr)
@@ -122,8 +151,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--retain-model", help="retain model (trained without the forget set): its forget-set "
                      "statistics are computed once and cached, for forget quality and PrivLeak")
-    ref.add_argument("--retain-results", help="a retain model's saved `soul eval` results JSON, as reference")
+    ref.add_argument("--retain-reference", "--retain-results", dest="retain_results", metavar="FILE",
+                     help="the retain model's results, evaluated elsewhere: a `soul eval` results JSON, "
+                     "open-unlearning's TOFU_EVAL.json or TOFU's eval_log_forget.json (format detected)")
     p.add_argument("--out", help="results JSON (written atomically); required")
+    p.add_argument("--open-unlearning-dir", metavar="DIR", help="also write the results in open-unlearning's "
+                   "layout: DIR/TOFU_EVAL.json and DIR/TOFU_SUMMARY.json (same key names)")
+    p.add_argument("--report-to", default=None, metavar="TRACKERS",
+                   help="also log every metric's agg_value (eval/<metric>) to tensorboard|wandb|mlflow|trackio "
+                   "(comma-separated)")
+    p.add_argument("--tracker-dir", default=None, help="tracker files (default: 'trackers' next to --out)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per scoring forward pass")
     p.add_argument("--generation-batch-size", type=int, default=None,
                    help="rows per greedy decoding step (default: 2 × --batch-size)")

@@ -31,22 +31,20 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_reference(reference: str | os.PathLike | dict[str, Any], *, need_tr: bool = True) -> dict[str, Any]:
-    """A retain reference as a results dict, checked to hold per-question forget truth ratios."""
+    """A retain reference as a results dict, checked to hold per-question forget truth ratios.
+
+    A path may name a soul results file, open-unlearning's ``TOFU_EVAL.json`` or TOFU's ``eval_log_forget.json``
+    (the format is detected; see `soul.eval.interop`).
+    """
+    from soul.eval.interop import normalise_reference
+
     where = "retain reference"
     if isinstance(reference, str | os.PathLike):
         where = f"retain reference {reference}"
         reference = load_results(reference)
     if not isinstance(reference, dict):
         raise ValueError(f"{where}: expected a results dict or a path to a results JSON file")
-    if need_tr:
-        entry = reference.get(REFERENCE_TR_KEY)
-        if not isinstance(entry, dict) or not isinstance(entry.get("value_by_index"), dict):
-            raise ValueError(f"{where}: no '{REFERENCE_TR_KEY}.value_by_index' (per-question truth ratios of the "
-                             "retain model on the forget set); evaluate the retain model with soul eval first")
-        for idx, v in entry["value_by_index"].items():
-            if not isinstance(v, dict) or not isinstance(v.get("score"), int | float):
-                raise ValueError(f"{where}: '{REFERENCE_TR_KEY}.value_by_index[{idx!r}].score' must be a number")
-    return reference
+    return normalise_reference(reference, where) if need_tr else reference
 
 
 def reference_truth_ratios(reference: dict[str, Any]) -> dict[str, float]:

@@ -138,7 +138,8 @@ def evaluate(
       Per question, ``score`` holds the raw TR.
     * ``forget_quality``: p-value of the two-sample KS test between this model's per-question forget TRs and
       the **retain model's** (from `retain_reference`: a results dict or a path to a results JSON of the
-      retain model, e.g. from `reference_stats`); None without a reference — never against this model.
+      retain model, e.g. from `reference_stats`, or to open-unlearning's ``TOFU_EVAL.json`` or TOFU's
+      ``eval_log_forget.json``, see `soul.eval.interop`); None without a reference — never against this model.
     * ``model_utility``: harmonic mean of the 9 numbers {retain, ra, wf} × {Prob, ROUGE, Truth_Ratio}.
     * ``mia_loss``/``mia_zlib``/``mia_min_k``/``mia_min_k_plus_plus`` (with a holdout set): AUC of forget
       (members) vs holdout (non-members) answers; 1.0 = forget set recognised as training data, 0.5 = chance.

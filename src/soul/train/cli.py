@@ -58,6 +58,7 @@ HELP = {
     "keep_checkpoints": "keep the checkpoints in the output directory",
     "resume": "continue from the last checkpoint in --out",
     "progress": "show a progress bar",
+    "report_to": "experiment trackers fed the train_log.jsonl lines: tensorboard | wandb | mlflow | trackio",
 }
 
 

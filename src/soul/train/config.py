@@ -74,6 +74,7 @@ class TrainConfig:
     keep_checkpoints: bool = False
     resume: bool = False
     progress: bool = True
+    report_to: list[str] | None = None  # experiment trackers (soul.train.trackers): tensorboard, wandb, …
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes copied into run.json
 
     def validate(self) -> TrainConfig:
@@ -115,6 +116,10 @@ class TrainConfig:
                              f"{self.optimizer_options!r}")
         if self.betas is not None and len(self.betas) != 2:
             raise ValueError(f"option 'betas' must be two numbers, got {self.betas!r}")
+        if self.report_to:
+            from soul.train.trackers import check_report_to
+
+            check_report_to(self.report_to)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from soul.io import write_json_atomic
 from soul.losses import model_logits, sequence_nll
 from soul.train.config import KEEP_BEST_METRICS, TrainConfig
+from soul.train.trackers import close_run, open_for_run
 
 LOG_NAME = "train_log.jsonl"
 RUN_NAME = "run.json"
@@ -406,12 +407,14 @@ def run_training(
             log_path.unlink()
     accelerator.wait_for_everyone()
     run_start = time.time() - progress.elapsed
+    trackers = open_for_run(cfg, out, main)  # cfg.report_to: copies of the log lines (soul.train.trackers)
 
     def log(record: dict) -> None:
         if main and log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        trackers.log(record)
 
     def save_checkpoint(step: int) -> None:
         tmp, final = ckpt_root / f".tmp-step-{step:08d}", ckpt_root / f"step-{step:08d}"
@@ -628,6 +631,7 @@ def run_training(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, out)
+    close_run(trackers, out)
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return trained, record

@@ -1,0 +1,1 @@
+"""Bridges to other training stacks: `soul.integrations.transformers` (Sophia inside `transformers.Trainer`)."""
