@@ -254,7 +254,10 @@ def base_model(spec: str) -> Iterator[str]:
     from soul.testing import tiny_model
 
     model, tokenizer = tiny_model(spec.split(":", 1)[1])
-    tmp = Path(tempfile.mkdtemp(prefix="soul-tiny-"))
+    from soul.safety import TINY_PREFIX
+
+    # The PID in the name lets a later run remove it if this one is killed (soul.safety.clean_tiny_tempdirs).
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TINY_PREFIX}{os.getpid()}-"))
     try:
         save_model(model, tokenizer, tmp / "model")
         yield str(tmp / "model")
@@ -273,7 +276,6 @@ def reference_model(role: str, preset: dict[str, Any], base: str, base_fp: str, 
     """``(path, fingerprint, wall_time_s)`` of the target (``role="target"``) or retain model: the preset's
     ready model when it names one, else a fine-tuned copy of `base` cached by content hash."""
     from soul.models import cache_dir
-    from soul.train import finetune
 
     spec = preset.get(role) or {}
     if spec.get("model"):
@@ -291,6 +293,16 @@ def reference_model(role: str, preset: dict[str, Any], base: str, base_fp: str, 
     key = _sha({"v": CACHE_VERSION, "base": base_fp, "data": hash_records(data[split]), "config": ft_cfg,
                 "dtype": preset.get("dtype")})
     out = cache_dir() / "finetuned" / f"{role}-{key[:20]}"
+    from soul.safety import dir_lock
+
+    with dir_lock(out):  # one process fills a cache entry; a second one at the same time is refused
+        return _cached_finetune(role, out, key, base, split, ft_cfg, preset, data, progress)
+
+
+def _cached_finetune(role: str, out: Path, key: str, base: str, split: str, ft_cfg: dict[str, Any],
+                     preset: dict[str, Any], data: dict[str, list[dict]], progress: Progress) -> tuple[str, str, float | None]:
+    from soul.train import finetune
+
     run_json = out / "run.json"
     if (out / "config.json").is_file() and run_json.is_file():
         wall = json.loads(run_json.read_text()).get("wall_time_s")
@@ -298,7 +310,8 @@ def reference_model(role: str, preset: dict[str, Any], base: str, base_fp: str, 
         return str(out), key, wall
     progress.say(f"{role} model: fine-tuning {base} on {split} ({len(data[split])} records) -> {out}")
     model, tokenizer = _load(base, preset)
-    _, record = finetune(model, tokenizer, data={split: data[split]}, split=split, out_dir=out,
+    # overwrite: a killed earlier fill of this cache entry (soul's own) is replaced.
+    _, record = finetune(model, tokenizer, data={split: data[split]}, split=split, out_dir=out, overwrite=True,
                          progress=preset.get("progress_bars", True), **ft_cfg)
     del model
     return str(out), key, record.get("wall_time_s")
@@ -404,6 +417,7 @@ def run_unlearning(spec: dict[str, Any], target_path: str, preset: dict[str, Any
     model, record = unlearn(model, tokenizer, data={forget: data[forget], retain: data[retain]},
                             forget_split=forget, retain_split=retain, objective=spec["objective"],
                             optimizer=spec["optimizer"], out_dir=run_dir / "model" if keep_model else None,
+                            overwrite=True,
                             on_step_end=lambda step, rec: log.append(dict(rec)),
                             progress=preset.get("progress_bars", True), **spec["config"])
     wall = time.perf_counter() - t0
