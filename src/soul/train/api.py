@@ -105,7 +105,6 @@ def unlearn(
     config = make_config(cfg, forget_split=forget_split, retain_split=retain_split, objective=name,
                          optimizer=optimizer, estimator=estimator)
     obj = build_unlearning_objective(config) if objective is None or isinstance(objective, str) else objective
-    model, tokenizer, source = resolve_model(model, tokenizer)
     forget = load_records(data, config.forget_split)
     info = {"forget": data_entry(data, config.forget_split, forget)}
     retain = None
@@ -121,6 +120,7 @@ def unlearn(
             info["retain"] = data_entry(data, retain_name, retain)
             config.retain_split = retain_name
             check_no_overlap(forget, retain, data, config.forget_split, retain_name)
+    model, tokenizer, source = resolve_model(model, tokenizer)  # after the data: bad data fails fast
     return run_training(model, tokenizer, cfg=config, objective=obj, train_records=forget, retain_records=retain,
                         kind="unlearn", out_dir=out_dir, input_model=source, data_info=info,
                         on_step_end=on_step_end, overwrite=overwrite)
@@ -146,8 +146,8 @@ def finetune(
     """
     config = make_config(cfg, defaults={"split": "full", "optimizer": "adamw"}, split=split, optimizer=optimizer,
                          objective="finetune")
-    model, tokenizer, source = resolve_model(model, tokenizer)
     records = load_records(data, config.split)
+    model, tokenizer, source = resolve_model(model, tokenizer)
     info = {"train": data_entry(data, config.split, records)}
     return run_training(model, tokenizer, cfg=config, objective=FineTuneObjective(), train_records=records,
                         kind="finetune", out_dir=out_dir, input_model=source, data_info=info,

@@ -111,6 +111,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
         raise CLIError("--model is required (or give it in --config / --preset)")
     if out is None:
         raise CLIError("--out is required: the trained model goes to a new directory")
+    from soul.safety import check_output_dir
+
+    # Refuse an unsafe --out before loading anything (the loop checks again once it holds the lock).
+    check_output_dir(out, inputs=[model, data], overwrite=overwrite, resume=bool(values.get("resume")))
     try:
         if command == "unlearn":
             _, record = unlearn(model, data=data, out_dir=out, overwrite=overwrite, **values)

@@ -322,8 +322,14 @@ def _run_training(
         raise ValueError(f"objective {getattr(objective, 'name', objective)!r} needs retain data, got none")
     if not train_records:
         raise ValueError("the training split is empty")
-    train_feats = encode_records(train_records, tokenizer, cfg, refusals)
-    retain_feats = encode_records(retain_records, tokenizer, cfg) if retain_records else None
+    from soul.train.lengths import data_label, encode_within_context, model_context
+
+    context = model_context(model, tokenizer)  # nothing longer reaches a forward pass (soul.train.lengths)
+    train_role = "forget" if kind == "unlearn" else "train"
+    train_feats = encode_within_context(train_records, tokenizer, cfg, refusals, context=context,
+                                        where=data_label(data_info, train_role))
+    retain_feats = (encode_within_context(retain_records, tokenizer, cfg, None, context=context,
+                                          where=data_label(data_info, "retain")) if retain_records else None)
     collate = QACollator(tokenizer)
 
     def make_batch(feats: list[dict], idx: list[int]) -> dict[str, Any]:
