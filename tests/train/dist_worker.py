@@ -19,6 +19,7 @@ Two things make a CPU run of accelerate 1.15 distributed, and are done here only
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -98,10 +99,8 @@ def stopped_and_resumed(model_dir: str, data: dict[str, list[dict]], out_dir: Pa
         if step == 3:
             raise Stop
 
-    try:
+    with contextlib.suppress(Stop):
         run(model_dir, data, out_dir, batch_size, on_step_end=stop_at_3)
-    except Stop:
-        pass
     _, record = run(model_dir, data, out_dir, batch_size, resume=True)
     return record["resumed_from_step"]
 

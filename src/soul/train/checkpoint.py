@@ -148,6 +148,9 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str,
         state.setdefault(i, {})[key] = value
     for index, values in rest.get("scalars", {}).items():
         state.setdefault(int(index), {}).update(values)
+    # Parameter order, as a run that never stopped created it (safetensors lists keys alphabetically, and
+    # diagnostics summed over the state in dict order would differ in the last bits).
+    state = dict(sorted(state.items()))
     groups = rest["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise CheckpointError(f"{where}: {len(groups)} optimizer param groups, this run has "

@@ -21,6 +21,7 @@ from soul.safety import (
     clean_leftovers,
     dir_lock,
     fsync_path,
+    pid_alive,
     public_dir_mode,
 )
 
@@ -38,6 +39,19 @@ def input_paths(input_model: str | None, data_info: dict[str, Any] | None) -> li
     return paths
 
 
+def recover_interrupted_swap(out: Path) -> Path | None:
+    """A run killed between the two renames of its final swap left no `out`, only ``.<out>.old-PID`` (its
+    working directory, with the checkpoints): put it back, so the run can resume instead of starting over."""
+    if out.exists():
+        return None
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)) and old.is_dir():
+            os.replace(old, out)
+            return out
+    return None
+
+
 @contextlib.contextmanager
 def guarded_run_output(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool, input_model: str | None,
                        data_info: dict[str, Any] | None) -> Iterator[Path]:
@@ -45,7 +59,10 @@ def guarded_run_output(out_dir: str | os.PathLike, *, resume: bool, overwrite: b
     out = check_output_dir(out_dir, inputs=inputs, overwrite=overwrite, resume=resume)
     with dir_lock(out):
         check_output_dir(out, inputs=inputs, overwrite=overwrite, resume=resume)  # again, now that we own it
+        recover_interrupted_swap(out)
         clean_leftovers(out)
+        for name in ("train_log.jsonl", OUTPUT_MARKER):  # temp files of atomic writes inside the directory
+            clean_leftovers(out / name)
         checkpoints = out / "checkpoints"
         if resume and not overwrite and (out / RUN_RECORD).is_file() and not any(checkpoints.glob("step-*")):
             raise OutputError(f"--resume: {out} holds a finished run and no checkpoint to continue from; "
@@ -63,4 +80,12 @@ def guarded_run_output(out_dir: str | os.PathLike, *, resume: bool, overwrite: b
         if not marker.exists():
             marker.write_text(f"soul run output; pid {os.getpid()}\n")
             fsync_path(out)
-        yield out
+        try:
+            yield out
+        except BaseException:
+            # A run that failed before its first checkpoint leaves nothing to resume: remove what it created.
+            if created and not any(checkpoints.glob("step-*")):
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
+            raise
