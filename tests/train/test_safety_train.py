@@ -158,7 +158,7 @@ def test_resume_refuses_another_run_naming_what_differs(base, tmp_path, change, 
     killed_run(base, out)
     options = dict(data=DATA, optimizer="sophia", max_steps=4, batch_size=1, lr=1e-3, hessian_interval=2,
                    checkpoint_every=2, progress=False)
-    with pytest.raises(ValueError, match="cannot resume from .*step-00000002") as err:
+    with pytest.raises(ValueError, match=r"cannot resume from .*step-00000002") as err:
         unlearn(str(base), out_dir=out, resume=True, **{**options, **change})
     assert message in str(err.value)
 
