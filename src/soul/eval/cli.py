@@ -84,6 +84,9 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
 
     if args.retain_model and args.retain_results:
         raise CLIError("give either --retain-model or --retain-results, not both")
+    from soul.models import resolve_model_path
+
+    resolve_model_path(args.model)  # a missing model fails before minutes of data loading and scoring
     if args.lm_eval:
         import importlib.util
 

@@ -47,6 +47,18 @@ def data_entry(data: DataSource, split: str, records: list[dict]) -> dict[str, A
     return {"source": source, "split": split, "n": len(records), "sha256": hash_records(records)}
 
 
+def check_before_loading(config: TrainConfig) -> None:
+    """Options checked against their registries before a model is loaded: the optimizer (name and options,
+    by building it on a dummy parameter) and the prompt format."""
+    from soul.data.format import PROMPT_FORMATS
+    from soul.optim import build_optimizer
+    from soul.train.loop import optimizer_kwargs
+
+    if config.prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"option 'prompt_format' must be one of {PROMPT_FORMATS}, got {config.prompt_format!r}")
+    build_optimizer(config.optimizer, [torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs(config))
+
+
 def _norm(text: Any) -> str:
     return " ".join(str(text).casefold().split())
 
@@ -105,6 +117,7 @@ def unlearn(
     config = make_config(cfg, forget_split=forget_split, retain_split=retain_split, objective=name,
                          optimizer=optimizer, estimator=estimator)
     obj = build_unlearning_objective(config) if objective is None or isinstance(objective, str) else objective
+    check_before_loading(config)
     forget = load_records(data, config.forget_split)
     info = {"forget": data_entry(data, config.forget_split, forget)}
     retain = None
@@ -146,6 +159,7 @@ def finetune(
     """
     config = make_config(cfg, defaults={"split": "full", "optimizer": "adamw"}, split=split, optimizer=optimizer,
                          objective="finetune")
+    check_before_loading(config)
     records = load_records(data, config.split)
     model, tokenizer, source = resolve_model(model, tokenizer)
     info = {"train": data_entry(data, config.split, records)}
