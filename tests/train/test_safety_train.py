@@ -394,3 +394,48 @@ def test_data_generator_allows_its_largest_author_count():
 
     splits = build_splits(max_authors(), 1)
     assert len({r["author"] for r in splits["full"]}) == max_authors() == 181
+
+
+# ---------------------------------------------------------------------------------------------- item 11
+def test_an_output_in_use_by_another_process_is_refused(base, tmp_path, capsys):
+    from soul.safety import lock_path
+
+    data = write_data(tmp_path / "data")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for argv in (unlearn_args(base, data, tmp_path / "out"),
+                     ["eval", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "out")],
+                     ["reproduce", "--preset", "tiny", "--out", str(tmp_path / "out")]):
+            lock_path(tmp_path / "out").write_text(f"{holder.pid}\nhost\n")
+            assert main(argv) == 2
+            assert f"in use by process {holder.pid}" in last_error(capsys)
+            assert not (tmp_path / "out").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale and the next run takes it over (and removes it when done).
+    assert run_cli(*unlearn_args(base, data, tmp_path / "out")) == 0
+    assert not lock_path(tmp_path / "out").exists()
+
+
+def test_a_cache_entry_being_filled_by_another_process_is_refused(base, tmp_path, monkeypatch):
+    import soul.pipeline as pipeline
+    from soul.errors import LockedError
+    from soul.safety import lock_path
+
+    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
+    preset = pipeline.load_preset("tiny")
+    data = {"full": FACTS, "retain90": FACTS[2:], "forget10": FACTS[:2]}
+    progress = pipeline.Progress(None, 4)
+    seen = []
+    monkeypatch.setattr(pipeline, "_cached_finetune", lambda role, out, *a, **k: seen.append(out) or (str(out), "", 0.0))
+    pipeline.reference_model("target", preset, str(base), "fp", data, progress)
+    entry = seen[0]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_path(entry).write_text(f"{holder.pid}\n")
+        with pytest.raises(LockedError, match=f"in use by process {holder.pid}"):
+            pipeline.reference_model("target", preset, str(base), "fp", data, progress)
+    finally:
+        holder.kill()
+        holder.wait()
