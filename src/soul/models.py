@@ -191,7 +191,8 @@ def save_model(
     """Write `model` (+ tokenizer) as a safetensors HF directory, atomically.
 
     The directory appears complete or not at all: everything is written into a temporary sibling which is
-    renamed into place. An existing `out_dir` is replaced, except the directory the model was loaded from.
+    fsynced and renamed into place. An existing `out_dir` is replaced only when it holds a model or a soul
+    output, and never when it is the directory the model was loaded from.
     """
     from soul.safety import fsync_path, fsync_tree, is_soul_output, public_dir_mode
 

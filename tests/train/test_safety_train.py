@@ -439,3 +439,19 @@ def test_a_cache_entry_being_filled_by_another_process_is_refused(base, tmp_path
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_kill_between_the_two_renames_of_the_final_swap_still_resumes(base, tmp_path):
+    out = tmp_path / "run"
+    killed_run(base, out)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    # What the swap leaves when killed after `out -> .out.old-PID` and before `staging -> out`.
+    os.replace(out, tmp_path / f".run.old-{proc.pid}")
+    staging = tmp_path / f".run.final-{proc.pid}"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"partial")
+    _, record = unlearn(str(base), data=DATA, optimizer="sophia", max_steps=4, batch_size=1, lr=1e-3,
+                        hessian_interval=2, checkpoint_every=2, progress=False, out_dir=out, resume=True)
+    assert record["resumed_from_step"] == 2 and record["steps"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
