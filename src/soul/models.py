@@ -113,8 +113,13 @@ def _bundled_hf_dir(alias: str) -> Path:
     stat = gguf.stat()
     target = cache_dir() / "models" / f"{alias}-{stat.st_size}"
     if not _is_hf_dir(target):
-        model, tokenizer = _load_gguf_as_plain(gguf)
-        save_model(model, tokenizer, target)
+        from soul import safety
+
+        with safety.dir_lock(target, wait_s=safety.CACHE_WAIT_S):  # one process converts, others wait
+            if not _is_hf_dir(target):
+                safety.clean_leftovers(target)
+                model, tokenizer = _load_gguf_as_plain(gguf)
+                save_model(model, tokenizer, target)
     return target
 
 

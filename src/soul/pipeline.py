@@ -293,9 +293,9 @@ def reference_model(role: str, preset: dict[str, Any], base: str, base_fp: str, 
     key = _sha({"v": CACHE_VERSION, "base": base_fp, "data": hash_records(data[split]), "config": ft_cfg,
                 "dtype": preset.get("dtype")})
     out = cache_dir() / "finetuned" / f"{role}-{key[:20]}"
-    from soul.safety import dir_lock
+    from soul import safety
 
-    with dir_lock(out):  # one process fills a cache entry; a second one at the same time is refused
+    with safety.dir_lock(out, wait_s=safety.CACHE_WAIT_S):  # one process fills a cache entry, others wait for it
         return _cached_finetune(role, out, key, base, split, ft_cfg, preset, data, progress)
 
 

@@ -28,6 +28,8 @@ OUTPUT_MARKER = ".soul-output"
 RUN_RECORD = "run.json"
 LOCK_SUFFIX = ".lock"
 STALE_EMPTY_LOCK_S = 10.0  # an empty lock file (owner killed between create and write) older than this is stale
+LOCK_POLL_S = 0.5
+CACHE_WAIT_S = 6 * 3600.0  # how long a cache user waits for another process filling the same entry
 _HELD: dict[Path, int] = {}  # lock files this process holds -> re-entry count
 
 
@@ -100,17 +102,30 @@ def _try_create(lock: Path) -> bool:
     return True
 
 
-def acquire_lock(target: str | os.PathLike) -> Path:
-    """Take the lock of `target` (see the module docstring); raises `LockedError` naming the owner."""
+def acquire_lock(target: str | os.PathLike, wait_s: float = 0.0) -> Path:
+    """Take the lock of `target` (see the module docstring). While another live process holds it, retry for up
+    to `wait_s` seconds, then raise `LockedError` naming the owner."""
     lock = lock_path(target)
     if lock in _HELD:
         _HELD[lock] += 1
         return lock
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _attempt in range(3):
-        if _try_create(lock):
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            _take(lock, target)
             _HELD[lock] = 1
             return lock
+        except LockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(min(LOCK_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def _take(lock: Path, target: str | os.PathLike) -> None:
+    for _attempt in range(3):
+        if _try_create(lock):
+            return
         pid = _read_pid(lock)
         if pid is None:
             with contextlib.suppress(FileNotFoundError):
@@ -137,9 +152,11 @@ def release_lock(lock: Path) -> None:
 
 
 @contextlib.contextmanager
-def dir_lock(target: str | os.PathLike) -> Iterator[Path]:
-    """Hold the lock of `target` (a directory or file path, which need not exist) for the ``with`` block."""
-    lock = acquire_lock(target)
+def dir_lock(target: str | os.PathLike, wait_s: float = 0.0) -> Iterator[Path]:
+    """Hold the lock of `target` (a directory or file path, which need not exist) for the ``with`` block;
+    `wait_s` as in `acquire_lock` (outputs: 0, refuse at once; cache entries: `CACHE_WAIT_S`, wait for the
+    process filling the entry and then use what it made)."""
+    lock = acquire_lock(target, wait_s)
     try:
         yield lock
     finally:

@@ -418,12 +418,13 @@ def test_an_output_in_use_by_another_process_is_refused(base, tmp_path, capsys):
     assert not lock_path(tmp_path / "out").exists()
 
 
-def test_a_cache_entry_being_filled_by_another_process_is_refused(base, tmp_path, monkeypatch):
+def test_a_cache_entry_being_filled_by_another_process_is_waited_for(base, tmp_path, monkeypatch):
     import soul.pipeline as pipeline
     from soul.errors import LockedError
     from soul.safety import lock_path
 
     monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("soul.safety.CACHE_WAIT_S", 1.0)
     preset = pipeline.load_preset("tiny")
     data = {"full": FACTS, "retain90": FACTS[2:], "forget10": FACTS[:2]}
     progress = pipeline.Progress(None, 4)
@@ -434,11 +435,23 @@ def test_a_cache_entry_being_filled_by_another_process_is_refused(base, tmp_path
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock_path(entry).write_text(f"{holder.pid}\n")
-        with pytest.raises(LockedError, match=f"in use by process {holder.pid}"):
+        with pytest.raises(LockedError, match=f"in use by process {holder.pid}"):  # after waiting 1 s
             pipeline.reference_model("target", preset, str(base), "fp", data, progress)
     finally:
         holder.kill()
         holder.wait()
+    # A holder that finishes while we wait: the entry is used once it is free.
+    import threading
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    lock_path(entry).write_text(f"{holder.pid}\n")
+    reaper = threading.Thread(target=holder.wait)  # reaped as soon as it exits (a zombie's PID looks alive)
+    reaper.start()
+    try:
+        assert pipeline.reference_model("target", preset, str(base), "fp", data, progress)[0] == str(entry)
+    finally:
+        reaper.join()
+    assert not lock_path(entry).exists()
 
 
 def test_a_kill_between_the_two_renames_of_the_final_swap_still_resumes(base, tmp_path):
