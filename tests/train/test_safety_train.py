@@ -163,6 +163,15 @@ def test_resume_refuses_another_run_naming_what_differs(base, tmp_path, change, 
     assert message in str(err.value)
 
 
+def test_resume_accepts_the_same_run_given_with_tuples(base, tmp_path):
+    out = tmp_path / "run"
+    killed_run(base, out, betas=(0.9, 0.99))
+    _, record = unlearn(str(base), data=DATA, optimizer="sophia", max_steps=4, batch_size=1, lr=1e-3,
+                        hessian_interval=2, checkpoint_every=2, progress=False, out_dir=out, resume=True,
+                        betas=(0.9, 0.99))
+    assert record["resumed_from_step"] == 2
+
+
 def test_resume_refuses_another_input_model(base, tmp_path):
     out = tmp_path / "run"
     killed_run(base, out)

@@ -284,8 +284,11 @@ RESUMABLE_CHANGES = frozenset({"resume", "progress", "checkpoint_every", "keep_c
 def resume_differences(meta: dict[str, Any], identity: dict[str, Any]) -> list[str]:
     """What differs between a checkpoint's run (its `meta`) and this run (`identity`: config, world_size,
     data and model fingerprints), one phrase per difference; empty when the run may continue."""
+    from soul.io import json_safe
+
     diffs = []
-    saved_cfg, cfg = meta.get("config") or {}, identity["config"]
+    # As JSON holds them: tuples are lists (betas=(0.9, 0.99) from Python equals [0.9, 0.99] read back).
+    saved_cfg, cfg = meta.get("config") or {}, json_safe(identity["config"])
     for key in sorted(set(saved_cfg) | set(cfg)):
         if key not in RESUMABLE_CHANGES and saved_cfg.get(key) != cfg.get(key):
             diffs.append(f"option {key!r} was {saved_cfg.get(key)!r}, now {cfg.get(key)!r}")
