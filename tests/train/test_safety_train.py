@@ -319,6 +319,10 @@ def test_data_errors_name_the_file(base, tmp_path, capsys):
     (split_dir / "forget10" / "b.json").write_text(json.dumps([FACTS[2], {"question": "Q?"}]))
     assert run_cli(*unlearn_args(base, split_dir, tmp_path / "o")) == 2
     assert f"{split_dir / 'forget10' / 'b.json'}: record 1: field 'answer'" in last_error(capsys)
+    # Errors found later (here: too long for the context) name the file and index inside the directory too.
+    (split_dir / "forget10" / "b.json").write_text(json.dumps([{"question": "A?", "answer": "B."}, {"question": "Q?", "answer": "w " * 400}]))
+    assert run_cli(*unlearn_args(base, split_dir, tmp_path / "o")) == 2
+    assert f"{split_dir / 'forget10' / 'b.json'}: record 1 is " in last_error(capsys)
 
 
 def test_an_answer_that_tokenises_to_nothing_names_the_file(base, tmp_path):

@@ -30,26 +30,48 @@ def model_context(model, tokenizer=None) -> int | None:
     return value if isinstance(value, int) and 0 < value < 1_000_000_000 else None
 
 
-def data_label(data_info: dict[str, Any] | None, role: str) -> str:
+class DataPlace(str):
+    """Where a role's records came from (a file, a split directory, ``source[split]``), as a string; `record(i)`
+    names record `i` — in a split directory of several files, by its file and its index in that file."""
+
+    files: list[tuple[Path, int]]
+
+    def record(self, index: int) -> str:
+        for path, count in getattr(self, "files", []):
+            if index < count:
+                return f"{path}: record {index}"
+            index -= count
+        return f"{self}: record {index}"
+
+
+def data_label(data_info: dict[str, Any] | None, role: str) -> DataPlace:
     """Where a role's records came from, for messages: the split's file when the source is a directory."""
     entry = (data_info or {}).get(role) or {}
     source, split = entry.get("source"), entry.get("split")
     if source and split and Path(str(source)).is_dir():
-        from soul.data.io import find_split_file
+        from soul.data.io import find_split_file, read_record_path
+        from soul.data.tofu import split_files
 
         try:
-            return str(find_split_file(source, split))
+            path = find_split_file(source, split)
         except FileNotFoundError:
-            pass
+            return DataPlace(f"{source}[{split}]")
+        place = DataPlace(str(path))
+        if path.is_dir():
+            place.files = [(f, len(read_record_path(f))) for f in split_files(path)]
+        return place
     if source and split:
-        return f"{source}[{split}]"
-    return f"{role} records"
+        return DataPlace(f"{source}[{split}]")
+    return DataPlace(f"{role} records")
 
 
 def encode_within_context(records: Sequence[dict], tokenizer, cfg, refusals: list[str] | None, *,
-                          context: int | None, where: str) -> list[dict]:
+                          context: int | None, where: str | DataPlace) -> list[dict]:
     """Features of `records` (as `soul.train.loop.encode_records`), each at most the length limit."""
     from soul.data import QADataset
+    from soul.data.validate import DataError
+
+    place = where if isinstance(where, DataPlace) else DataPlace(where)
 
     if cfg.max_length is not None and context is not None and cfg.max_length > context:
         raise ValueError(f"option 'max_length' is {cfg.max_length}, more than the model's context of {context} tokens")
@@ -58,10 +80,16 @@ def encode_within_context(records: Sequence[dict], tokenizer, cfg, refusals: lis
         for i, r in enumerate(records):
             text = f"{r.get('question', '')}{r.get('answer', '')}" if isinstance(r, dict) else ""
             if cfg.max_length is None and len(text) > MAX_CHARS_PER_TOKEN * limit:
-                raise ValueError(f"{where}: record {i} has {len(text)} characters, far more than the model's "
+                raise ValueError(f"{place.record(i)} has {len(text)} characters, far more than the model's "
                                  f"context of {limit} tokens; shorten it (or set max_length to truncate answers)")
-    ds = QADataset(list(records), tokenizer, prompt_format=cfg.prompt_format, max_length=None, refusals=refusals,
-                   source=where)
+    try:
+        ds = QADataset(list(records), tokenizer, prompt_format=cfg.prompt_format, max_length=None,
+                       refusals=refusals, source=str(place))
+    except DataError as err:  # name the file (and index in it) of a split directory's record
+        if err.index is None:
+            raise
+        field = f": field {err.field!r}" if err.field else ""
+        raise ValueError(f"{place.record(err.index)}{field}: {err.problem}") from None
     feats = [ds[i] for i in range(len(ds))]
     if limit is None:
         return feats
@@ -71,16 +99,16 @@ def encode_within_context(records: Sequence[dict], tokenizer, cfg, refusals: lis
         return feats
     if cfg.max_length is None:
         i = too_long[0]
-        raise ValueError(f"{where}: record {i} is {len(feats[i]['input_ids'])} tokens long, more than the model's "
+        raise ValueError(f"{place.record(i)} is {len(feats[i]['input_ids'])} tokens long, more than the model's "
                          f"context of {limit}" + (f" ({len(too_long)} records are)" if len(too_long) > 1 else "")
                          + "; shorten it or set max_length to truncate answers")
     truncated = QADataset(list(records), tokenizer, prompt_format=cfg.prompt_format, max_length=limit,
                           refusals=refusals, source=where)
     for i in too_long:
         if len(truncated[i]["input_ids"]) > limit:
-            raise ValueError(f"{where}: record {i}: its prompt alone is longer than max_length={limit} tokens")
+            raise ValueError(f"{place.record(i)}: its prompt alone is longer than max_length={limit} tokens")
         feats[i] = truncated[i]
     shown = ", ".join(str(i) for i in too_long[:10]) + (" …" if len(too_long) > 10 else "")
-    message = f"{where}: truncated {len(too_long)} record(s) to max_length={limit} tokens (records {shown})"
+    message = f"{place}: truncated {len(too_long)} record(s) to max_length={limit} tokens (records {shown})"
     print(f"soul: warning: {message}", file=sys.stderr)
     return feats
