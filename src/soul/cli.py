@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from soul.errors import CLIError
+
 COMMAND_MODULES = [
     "soul.cli_ask",
     "soul.data.cli",
@@ -23,8 +25,23 @@ COMMAND_MODULES = [
 ]
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2, no traceback."""
+__all__ = ["CLIError", "build_parser", "load_yaml_config", "main"]
+
+
+class SoulArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``soul COMMAND: error: …``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line, naming the path of an OS error."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
 
 def load_yaml_config(path: str | Path, allowed: set[str], command: str) -> dict[str, Any]:
@@ -48,7 +65,7 @@ def load_yaml_config(path: str | Path, allowed: set[str], command: str) -> dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SoulArgumentParser(
         prog="soul", description="Unlearning for causal LMs with second-order optimization (SOUL)."
     )
     from soul import __version__
@@ -96,12 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             sub.set_defaults(**load_yaml_config(args.config, allowed, args.command))
             args = parser.parse_args(argv)
         result = args.func(args)
-    except CLIError as err:
-        print(f"soul {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        # Our own loaders raise these with messages that name the file and the field.
-        print(f"soul {args.command}: error: {err}", file=sys.stderr)
+    except (CLIError, OSError, ValueError) as err:
+        # Our own loaders and guards raise these with messages that name the file, the field or the option;
+        # OS errors (disk full, read-only file system, permissions) name their path.
+        print(f"soul {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -25,7 +25,13 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 64) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from soul.models import load_model
+    from soul.safety import require_number
 
+    require_number(args.max_new_tokens, "--max-new-tokens", low=1, integer=True)
+    if not isinstance(args.question, str) or not args.question.strip():
+        from soul.errors import CLIError
+
+        raise CLIError("the question must be a non-empty string")
     model, tokenizer = load_model(args.model)
     print(answer(model, tokenizer, args.question, args.max_new_tokens))
     return 0

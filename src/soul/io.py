@@ -14,10 +14,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` through a temporary sibling and `os.replace` (readers never see half a file)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    # The PID in the name lets a later run remove it when this process was killed (soul.safety.clean_leftovers).
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data is on disk before the rename makes it visible
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be read (and served) by others
         os.replace(tmp, out)
     except BaseException:

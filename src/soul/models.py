@@ -38,6 +38,10 @@ class ModelNotFoundError(FileNotFoundError):
     """Raised when no model could be resolved; the message lists every place that was tried."""
 
 
+class ModelLoadError(ValueError):
+    """A model directory that exists but cannot be loaded (corrupt or truncated files); names the path."""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SOUL_CACHE", Path.home() / ".cache" / "soul"))
 
@@ -109,8 +113,13 @@ def _bundled_hf_dir(alias: str) -> Path:
     stat = gguf.stat()
     target = cache_dir() / "models" / f"{alias}-{stat.st_size}"
     if not _is_hf_dir(target):
-        model, tokenizer = _load_gguf_as_plain(gguf)
-        save_model(model, tokenizer, target)
+        from soul import safety
+
+        with safety.dir_lock(target, wait_s=safety.CACHE_WAIT_S):  # one process converts, others wait
+            if not _is_hf_dir(target):
+                safety.clean_leftovers(target)
+                model, tokenizer = _load_gguf_as_plain(gguf)
+                save_model(model, tokenizer, target)
     return target
 
 
@@ -150,10 +159,20 @@ def load_model(
             target, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except OSError as err:
+        if Path(target).is_dir():  # a local directory whose files are there but unreadable
+            raise ModelLoadError(f"model {target}: cannot be read ({' '.join(str(err).split())[:300]})") from None
         tried = f"the bundled aliases {sorted(BUNDLED_ALIASES)}, a local directory {Path(str(name_or_path)).resolve()}"
         raise ModelNotFoundError(
             f"model {str(name_or_path)!r} not found: tried {tried}, and the hub id {target!r} ({err})"
         ) from None
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        # A truncated or corrupt safetensors file, a broken config.json or tokenizer file.
+        raise ModelLoadError(f"model {target}: cannot be loaded, a file is corrupt or truncated "
+                             f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from None
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"model {target}: a safetensors file is corrupt or truncated ({err})") from None
     model.to(device)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = _finish_tokenizer(tokenizer).pad_token_id
@@ -177,15 +196,24 @@ def save_model(
     """Write `model` (+ tokenizer) as a safetensors HF directory, atomically.
 
     The directory appears complete or not at all: everything is written into a temporary sibling which is
-    renamed into place. An existing `out_dir` is replaced, except the directory the model was loaded from.
+    fsynced and renamed into place. An existing `out_dir` is replaced only when it holds a model or a soul
+    output, and never when it is the directory the model was loaded from.
     """
+    from soul.safety import fsync_path, fsync_tree, is_soul_output, public_dir_mode
+
     out = Path(out_dir).expanduser().resolve()
     source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
     if source and Path(str(source)).expanduser().exists() and Path(str(source)).resolve() == out:
         raise ValueError(f"refusing to overwrite the input model at {out}; choose another output directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file; give a directory to save the model in")
+    if out.is_dir() and any(out.iterdir()) and not (_is_hf_dir(out) or is_soul_output(out)):
+        raise ValueError(f"{out}: exists, is not empty and holds no model; soul replaces only a model directory")
     model = unwrap_for_saving(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # The PID in the name lets a later run remove it when this process was killed (soul.safety.clean_leftovers).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    public_dir_mode(tmp)
     try:
         config = model.config
         if getattr(config, "quantization_config", None) is not None and "gguf" in str(config.quantization_config):
@@ -193,6 +221,7 @@ def save_model(
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -200,6 +229,7 @@ def save_model(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+        fsync_path(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ Two things make a CPU run of accelerate 1.15 distributed, and are done here only
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -88,6 +89,22 @@ def hutchinson_refusal(model_dir: str, data: dict[str, list[dict]], out_dir: Pat
     return ""
 
 
+class Stop(Exception):
+    pass
+
+
+def stopped_and_resumed(model_dir: str, data: dict[str, list[dict]], out_dir: Path, batch_size: int) -> int:
+    """Run until step 3 (checkpoint at step 2), stop every process there, resume; the resumed-from step."""
+    def stop_at_3(step: int, record: dict) -> None:
+        if step == 3:
+            raise Stop
+
+    with contextlib.suppress(Stop):
+        run(model_dir, data, out_dir, batch_size, on_step_end=stop_at_3)
+    _, record = run(model_dir, data, out_dir, batch_size, resume=True)
+    return record["resumed_from_step"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -95,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, required=True, help="per process")
     parser.add_argument("--check-hutchinson", action="store_true")
+    parser.add_argument("--check-resume", action="store_true", help="also stop a run after step 3 and resume it")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -121,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.state import AcceleratorState
 
     report["distributed_type"] = str(AcceleratorState().distributed_type)
+    if args.check_resume:
+        report["resumed_from_step"] = stopped_and_resumed(args.model, data, out / "resumed", args.batch_size)
     if args.check_hutchinson:
         report["hutchinson_error"] = hutchinson_refusal(args.model, data, out / "hutchinson", args.batch_size)
     state = PartialState()

@@ -75,7 +75,7 @@ def runs(tmp_path_factory):
     (root / "data.json").write_text(json.dumps(data))
     procs = {"ddp": _launch("cpu_2proc_ddp.yaml", root / "init", root / "data.json", root / "ddp"),
              "fsdp": _launch("cpu_2proc_fsdp.yaml", root / "init", root / "data.json", root / "fsdp",
-                             "--check-hutchinson")}
+                             "--check-hutchinson", "--check-resume")}
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch, "multinomial", dist_worker.deterministic_multinomial)
@@ -161,9 +161,13 @@ def test_fsdp_checkpoint_and_final_model_load_in_one_process(runs):
     out = _finished(runs, "fsdp")
     # The mid-run checkpoint (step 2 of 4) is a full state dict equal to the reference's weights at step 2.
     ckpt = out / "model" / "checkpoints" / "step-00000002"
-    sharded_run = torch.load(ckpt / "pytorch_model_fsdp.bin", map_location="cpu", weights_only=True)
-    single = torch.load(runs["ref"] / "checkpoints" / "step-00000002" / "pytorch_model.bin", map_location="cpu",
-                        weights_only=True)
+    from safetensors.torch import load_file
+
+    # Only safetensors and JSON: the weights gathered full, each process's optimizer shards and RNG.
+    assert {p.suffix for p in ckpt.iterdir()} == {".safetensors", ".json"}
+    assert {"rank-0.safetensors", "rank-1.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    sharded_run = load_file(str(ckpt / "model.safetensors"))
+    single = load_file(str(runs["ref"] / "checkpoints" / "step-00000002" / "model.safetensors"))
     assert set(single) <= set(sharded_run)
     assert _max_diff(sharded_run, single) <= TOL
     assert _max_diff(single, _weights(runs["root"] / "init")) > 100 * TOL
@@ -175,6 +179,19 @@ def test_fsdp_checkpoint_and_final_model_load_in_one_process(runs):
         assert type(param).__name__ == "Parameter"
         assert (param - ref_params[name]).abs().max().item() <= TOL, name
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.dist
+def test_fsdp_kill_and_resume_gives_the_same_weights(runs):
+    """A sharded run stopped after step 3 and resumed from its step-2 checkpoint (each process restoring its
+    own optimizer shards) ends with exactly the weights of the uninterrupted sharded run."""
+    out = _finished(runs, "fsdp")
+    report = json.loads((out / "worker.json").read_text())
+    assert report["resumed_from_step"] == 2
+    straight, resumed = _weights(out / "model"), _weights(out / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
 
 
 @pytest.mark.dist

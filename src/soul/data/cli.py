@@ -3,15 +3,46 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _make(args: argparse.Namespace) -> int:
     from soul.cli import CLIError
-    from soul.data.generate import make_benchmark
-    from soul.data.summary import describe_benchmark
 
     if not args.out:
         raise CLIError("--out DIR is required (on the command line or in --config)")
+    from soul.data.generate import check_benchmark_args
+    from soul.safety import dir_lock, require_number
+
+    for option in ("authors", "qas_per_author", "seed", "perturbed"):
+        require_number(getattr(args, option), f"--{option.replace('_', '-')}", integer=True)
+    check_benchmark_args(args.authors, args.qas_per_author, args.perturbed)
+    target = check_data_dir(args.out)
+    with dir_lock(target):
+        return _write(args)
+
+
+def check_data_dir(out: str) -> Path:
+    """Refuse an --out that is a file, a non-empty directory that is not a soul benchmark (no manifest.json)
+    or an unwritable place: `make` writes its split files there, replacing same-named ones."""
+    from soul.errors import OutputError
+    from soul.safety import LOCK_SUFFIX, check_writable
+
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {path}: is a file; give a directory for the benchmark")
+    if path.is_dir() and any(not p.name.endswith(LOCK_SUFFIX) for p in path.iterdir()) \
+            and not (path / "manifest.json").is_file():
+        raise OutputError(f"--out {path}: exists, is not empty and is not a soul benchmark (no manifest.json); "
+                          "choose a new directory")
+    check_writable(path)
+    return path
+
+
+def _write(args: argparse.Namespace) -> int:
+    from soul.data.generate import make_benchmark
+    from soul.data.summary import describe_benchmark
+
     out = make_benchmark(args.out, n_authors=args.authors, qas_per_author=args.qas_per_author, seed=args.seed,
                          n_perturbed=args.perturbed)
     print(describe_benchmark(out))

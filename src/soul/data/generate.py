@@ -183,6 +183,8 @@ MAX_QAS_PER_AUTHOR = len(TEMPLATES)
 
 
 def _title(rng: random.Random, used: set[str]) -> str:
+    if len(used) >= len(TITLE_ADJ) * len(TITLE_NOUN):
+        raise ValueError(f"all {len(TITLE_ADJ) * len(TITLE_NOUN)} book titles are taken; draw fewer authors")
     while True:
         t = f"The {rng.choice(TITLE_ADJ)} {rng.choice(TITLE_NOUN)}"
         if t not in used:
@@ -405,15 +407,31 @@ def forget_author_counts(n_authors: int) -> dict[int, int]:
     return {p: min(n_authors - 1, max(1, math.ceil(p * n_authors / 100))) for p in FORGET_PERCENTS}
 
 
-def build_splits(n_authors: int = 20, qas_per_author: int = 10, seed: int = 0,
-                 n_perturbed: int = 4) -> dict[str, list[dict]]:
-    """All splits of the bundled benchmark as lists of records (no I/O)."""
-    if n_authors < 2:
-        raise ValueError(f"n_authors must be at least 2 (one to forget, one to retain), got {n_authors}")
+def max_authors() -> int:
+    """The most trained authors the generator can draw: each author (and each of the forget10 holdout authors
+    drawn with them) takes two distinct book titles out of the fixed title list."""
+    n_titles = len(TITLE_ADJ) * len(TITLE_NOUN)
+    n = 2
+    while n + 1 + forget_author_counts(n + 1)[10] <= n_titles // 2:
+        n += 1
+    return n
+
+
+def check_benchmark_args(n_authors: int, qas_per_author: int, n_perturbed: int) -> None:
+    """Raise a `ValueError` naming the first argument out of range."""
+    if not 2 <= n_authors <= max_authors():
+        raise ValueError(f"n_authors (--authors) must be in 2..{max_authors()} (one to forget, one to retain; "
+                         f"the generator has titles for {max_authors()}), got {n_authors}")
     if not 1 <= qas_per_author <= MAX_QAS_PER_AUTHOR:
         raise ValueError(f"qas_per_author must be in 1..{MAX_QAS_PER_AUTHOR}, got {qas_per_author}")
     if not 3 <= n_perturbed <= 5:
         raise ValueError(f"n_perturbed must be in 3..5, got {n_perturbed}")
+
+
+def build_splits(n_authors: int = 20, qas_per_author: int = 10, seed: int = 0,
+                 n_perturbed: int = 4) -> dict[str, list[dict]]:
+    """All splits of the bundled benchmark as lists of records (no I/O)."""
+    check_benchmark_args(n_authors, qas_per_author, n_perturbed)
     rng = random.Random(seed)
     counts = forget_author_counts(n_authors)
     authors = make_authors(n_authors + counts[10], rng)

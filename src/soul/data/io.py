@@ -24,7 +24,11 @@ def dump_records(records: list[dict]) -> str:
 def read_json_records(path: str | Path) -> list[Any]:
     """Records of one JSON-array or JSON-lines file; syntax errors name the file and line."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise DataError(str(path), f"not UTF-8 text (line {line}, byte {err.start}: {err.reason})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

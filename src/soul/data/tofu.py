@@ -75,6 +75,9 @@ def load_split(source: str | os.PathLike = "bundled", name: str = "full", *, tok
         records, where = read_record_path(path), str(path)
     elif Path(src).exists():
         path = find_split_file(src, name)
+        if path.is_dir() and split_files(path):
+            # A split directory of several files: validate each one, so errors name the file and its own index.
+            return [r for f in split_files(path) for r in validate_qa(read_record_path(f), str(f), name, tokenizer)]
         records, where = read_record_path(path), str(path)
     elif is_hub_id(src):
         records, where = load_hub_split(src, name), f"{src.removeprefix(HUB_PREFIX)}[{name}]"
@@ -84,6 +87,15 @@ def load_split(source: str | os.PathLike = "bundled", name: str = "full", *, tok
             f"({', '.join(KNOWN_HUB_IDS)} or '{HUB_PREFIX}owner/name')"
         )
     return validate_qa(records, where, name, tokenizer)
+
+
+def split_files(path: Path) -> list[Path]:
+    """The record files of a split directory, in reading order; empty for a `save_to_disk` directory."""
+    from soul.data.io import RECORD_SUFFIXES
+
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        return []
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in RECORD_SUFFIXES)
 
 
 def matching_retain(forget: str) -> str:

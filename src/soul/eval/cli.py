@@ -59,15 +59,34 @@ def cached_reference(retain_model: str, forget: list[dict], holdout: list[dict] 
 
 def _run(args: argparse.Namespace) -> int:
     from soul.cli import CLIError
+
+    if not args.out:
+        raise CLIError("--out is required (the results JSON to write)")
+    from soul.safety import check_output_file, clean_leftovers, dir_lock, require_number
+
+    for option, low, high, integer in (("batch_size", 1, None, True), ("max_new_tokens", 1, None, True),
+                                       ("min_k", 0, 1, False), ("lm_eval_limit", 0, None, False),
+                                       ("generation_batch_size", 1, None, True)):
+        require_number(getattr(args, option), f"--{option.replace('_', '-')}", low=low, high=high, integer=integer,
+                       allow_none=option in ("lm_eval_limit", "generation_batch_size"))
+    out = check_output_file(args.out, inputs=[args.model, args.data, args.retain_model, args.retain_results])
+    with dir_lock(out):
+        clean_leftovers(out)
+        return _evaluate(args, out)
+
+
+def _evaluate(args: argparse.Namespace, out: Path) -> int:
+    from soul.cli import CLIError
     from soul.data import load_split  # the data package's loader (bundled benchmark, directory or hub)
     from soul.eval.tofu import evaluate
     from soul.io import write_json_atomic
     from soul.models import load_model
 
-    if not args.out:
-        raise CLIError("--out is required (the results JSON to write)")
     if args.retain_model and args.retain_results:
         raise CLIError("give either --retain-model or --retain-reference, not both")
+    from soul.models import resolve_model_path
+
+    resolve_model_path(args.model)  # a missing model fails before minutes of data loading and scoring
     if args.lm_eval:
         import importlib.util
 
@@ -123,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
                                              limit=args.lm_eval_limit, device=args.device)
         except ImportError as err:
             raise CLIError(str(err)) from None
-    write_json_atomic(args.out, results)
+    write_json_atomic(out, results)
     if args.open_unlearning_dir:
         from soul.eval.interop import write_open_unlearning
 

@@ -22,8 +22,8 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"results file {p} not found")
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"results file {p}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"results file {p}: expected a JSON object of metrics, got {type(data).__name__}")

@@ -30,6 +30,9 @@ from soul.optim.sophia import SophiaG
 
 
 def _adamw(params: Any, **cfg: Any) -> torch.optim.Optimizer:
+    # torch picks its per-tensor loop on CPU (foreach only on accelerators): measured 1.4 s vs ~0.37 s per step
+    # on SmolLM2's parameters, which would make the first-order baseline look slow for no reason of its own.
+    cfg.setdefault("foreach", True)
     return torch.optim.AdamW(params, **cfg)
 
 

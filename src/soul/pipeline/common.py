@@ -88,7 +88,10 @@ def base_model(spec: str) -> Iterator[str]:
     from soul.testing import tiny_model
 
     model, tokenizer = tiny_model(spec.split(":", 1)[1])
-    tmp = Path(tempfile.mkdtemp(prefix="soul-tiny-"))
+    from soul.safety import TINY_PREFIX
+
+    # The PID in the name lets a later run remove it if this one is killed (soul.safety.clean_tiny_tempdirs).
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TINY_PREFIX}{os.getpid()}-"))
     try:
         save_model(model, tokenizer, tmp / "model")
         yield str(tmp / "model")

@@ -27,7 +27,6 @@ def _reference_model(role: str, preset: Preset, base: str, base_fp: str, data: d
                      progress: Progress) -> tuple[str, str, float | None]:
     """``(path, fingerprint, wall_time_s)`` of reference model `role` ("target" or "retain")."""
     from soul.models import cache_dir
-    from soul.train import finetune
 
     task = preset.task_impl
     ref = getattr(preset, role)
@@ -46,6 +45,16 @@ def _reference_model(role: str, preset: Preset, base: str, base_fp: str, data: d
     key = sha({"v": CACHE_VERSION, "base": base_fp, "data": hash_records(data[split]), "config": ft_cfg,
                "dtype": preset.dtype})
     out = cache_dir() / "finetuned" / f"{role}-{key[:20]}"
+    from soul import safety
+
+    with safety.dir_lock(out, wait_s=safety.CACHE_WAIT_S):  # one process fills a cache entry, others wait for it
+        return _cached_finetune(role, out, key, base, split, ft_cfg, preset, data, progress)
+
+
+def _cached_finetune(role: str, out: Path, key: str, base: str, split: str, ft_cfg: dict[str, Any],
+                     preset: Preset, data: dict[str, Any], progress: Progress) -> tuple[str, str, float | None]:
+    from soul.train import finetune
+
     run_json = out / "run.json"
     if (out / "config.json").is_file() and run_json.is_file():
         wall = json.loads(run_json.read_text()).get("wall_time_s")
@@ -53,7 +62,8 @@ def _reference_model(role: str, preset: Preset, base: str, base_fp: str, data: d
         return str(out), key, wall
     progress.say(f"{role} model: fine-tuning {base} on {split} ({len(data[split])} records) -> {out}")
     model, tokenizer = load(base, preset)
-    _, record = finetune(model, tokenizer, data={split: data[split]}, split=split, out_dir=out,
+    # overwrite: a killed earlier fill of this cache entry (soul's own) is replaced.
+    _, record = finetune(model, tokenizer, data={split: data[split]}, split=split, out_dir=out, overwrite=True,
                          progress=preset.progress_bars, **ft_cfg)
     del model
     return str(out), key, record.get("wall_time_s")
@@ -99,7 +109,7 @@ def unlearning_run(spec: dict[str, Any], target_path: str, preset: Preset, data:
     model, record = unlearn(model, tokenizer, data={forget: data[forget], retain: data[retain]},
                             forget_split=forget, retain_split=retain, objective=spec["objective"],
                             optimizer=spec["optimizer_type"], out_dir=run_dir / "model" if keep_model else None,
-                            on_step_end=lambda step, rec: log.append(dict(rec)),
+                            overwrite=True, on_step_end=lambda step, rec: log.append(dict(rec)),
                             progress=preset.progress_bars, **spec["config"])
     wall = time.perf_counter() - t0
     write_text_atomic(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))

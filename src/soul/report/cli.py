@@ -17,20 +17,43 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _reproduce(args: argparse.Namespace) -> int:
-    from soul.pipeline import reproduce
+def _guarded_report_dir(out: str):
+    """Check the report directory (`soul.safety.check_report_dir`), lock it for the run and mark it as soul's."""
+    import contextlib
 
-    # Every problem with the preset, --seeds or --only is a ValueError raised before any model is loaded;
-    # `soul.cli.main` prints it as one line and exits 2.
-    reproduce(args.preset, args.out, keep_models=args.keep_models, only=args.only or None, seeds=args.seeds,
-              stream=None if args.quiet else sys.stderr)
+    from soul.safety import check_report_dir, clean_tiny_tempdirs, dir_lock, mark_output
+
+    path = check_report_dir(out)
+    stack = contextlib.ExitStack()
+    stack.enter_context(dir_lock(path))
+    check_report_dir(path)
+    clean_tiny_tempdirs()
+    mark_output(path)
+    return stack
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from soul.pipeline import load_preset, reproduce
+    from soul.pipeline.grid import select, unlearn_configs
+
+    # Every problem with the preset, --seeds or --only is a ValueError raised before the report directory
+    # is made or any model is loaded; `soul.cli.main` prints it as one line and exits 2.
+    preset = load_preset(args.preset)
+    if args.seeds is not None:
+        preset = preset.with_seeds(args.seeds)
+    select(unlearn_configs(preset), args.only or None, ("influence",) if preset.influence is not None else ())
+    with _guarded_report_dir(args.out):
+        reproduce(args.preset, args.out, keep_models=args.keep_models, only=args.only or None, seeds=args.seeds,
+                  stream=None if args.quiet else sys.stderr)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from soul.pipeline import sweep
+    from soul.pipeline import load_preset, sweep
 
-    sweep(args.preset, args.out, seeds=args.seeds, stream=None if args.quiet else sys.stderr)
+    load_preset(args.preset)
+    with _guarded_report_dir(args.out):
+        sweep(args.preset, args.out, seeds=args.seeds, stream=None if args.quiet else sys.stderr)
     return 0
 
 
@@ -38,12 +61,15 @@ def _report(args: argparse.Namespace) -> int:
     from soul.cli import CLIError
     from soul.eval.results import load_results
     from soul.report import write_report
+    from soul.safety import require_number
 
+    require_number(args.utility_fraction, "--utility-fraction", low=0, high=1)
     results = load_results(args.results)
-    if "runs" not in results:
+    if not isinstance(results, dict) or "runs" not in results:
         raise CLIError(f"{args.results}: not a soul results.json (no 'runs'); give the results.json that "
                        "`soul reproduce` or `soul sweep` wrote")
-    write_report(results, args.out, fraction=args.utility_fraction)
+    with _guarded_report_dir(args.out):
+        write_report(results, args.out, fraction=args.utility_fraction)
     return 0
 
 

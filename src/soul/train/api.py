@@ -47,6 +47,36 @@ def data_entry(data: DataSource, split: str, records: list[dict]) -> dict[str, A
     return {"source": source, "split": split, "n": len(records), "sha256": hash_records(records)}
 
 
+def check_before_loading(config: TrainConfig) -> None:
+    """Options checked against their registries before a model is loaded: the optimizer (name and options,
+    by building it on a dummy parameter) and the prompt format."""
+    from soul.data.format import PROMPT_FORMATS
+    from soul.optim import build_optimizer
+    from soul.train.loop import optimizer_kwargs
+
+    if config.prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"option 'prompt_format' must be one of {PROMPT_FORMATS}, got {config.prompt_format!r}")
+    build_optimizer(config.optimizer, [torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs(config))
+
+
+def _norm(text: Any) -> str:
+    return " ".join(str(text).casefold().split())
+
+
+def check_no_overlap(forget: list[dict], retain: list[dict], data: DataSource, forget_name: str,
+                     retain_name: str) -> None:
+    """Refuse a forget record (question and answer, case- and space-normalised) that the retain split also
+    holds: unlearning it while training on it makes the two objectives fight over the same text."""
+    seen = {(_norm(r.get("question")), _norm(r.get("answer"))): j for j, r in enumerate(retain)}
+    where = "data" if isinstance(data, Mapping) else str(data)
+    for i, r in enumerate(forget):
+        j = seen.get((_norm(r.get("question")), _norm(r.get("answer"))))
+        if j is not None:
+            raise ValueError(f"{where}: forget split {forget_name!r} record {i} is also retain split "
+                             f"{retain_name!r} record {j} ({str(r.get('question'))[:60]!r}); forget and retain "
+                             "must not overlap")
+
+
 def build_unlearning_objective(cfg: TrainConfig):
     """The registered objective named by ``cfg.objective`` with the coefficients that were set."""
     from soul.objectives import build_objective
@@ -67,6 +97,7 @@ def unlearn(
     out_dir: str | os.PathLike | None = None,
     *,
     on_step_end: Callable[[int, dict], None] | None = None,
+    overwrite: bool = False,
     **cfg: Any,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Unlearn `forget_split` from `model` while keeping `retain_split`; returns ``(model, run_record)``.
@@ -75,7 +106,8 @@ def unlearn(
     source for `soul.data.load_split` (a directory, ``"bundled"``, ``"locuslab/TOFU"``) or a dict of split
     name → records. `objective` is a registered name (`soul.objectives`) or an objective object. Other
     keyword arguments are `TrainConfig` options (``lr``, ``epochs``, ``batch_size``, ``gamma``, ``alpha``,
-    ``lora_r``, ``preset`` …). With `out_dir`, the unlearned model is saved there (safetensors + run.json).
+    ``lora_r``, ``preset`` …). With `out_dir`, the unlearned model is saved there (safetensors + run.json);
+    an existing `out_dir` must be empty, or a previous soul output and `overwrite` (`soul.safety`).
 
     Arguments left as None take the preset's value, else `TrainConfig`'s default (``forget10``,
     ``graddiff``, ``sophia``, ``gnb``); the retain split defaults to the forget split's complement.
@@ -85,7 +117,7 @@ def unlearn(
     config = make_config(cfg, forget_split=forget_split, retain_split=retain_split, objective=name,
                          optimizer=optimizer, estimator=estimator)
     obj = build_unlearning_objective(config) if objective is None or isinstance(objective, str) else objective
-    model, tokenizer, source = resolve_model(model, tokenizer)
+    check_before_loading(config)
     forget = load_records(data, config.forget_split)
     info = {"forget": data_entry(data, config.forget_split, forget)}
     retain = None
@@ -100,9 +132,11 @@ def unlearn(
             retain = load_records(data, retain_name)
             info["retain"] = data_entry(data, retain_name, retain)
             config.retain_split = retain_name
+            check_no_overlap(forget, retain, data, config.forget_split, retain_name)
+    model, tokenizer, source = resolve_model(model, tokenizer)  # after the data: bad data fails fast
     return run_training(model, tokenizer, cfg=config, objective=obj, train_records=forget, retain_records=retain,
                         kind="unlearn", out_dir=out_dir, input_model=source, data_info=info,
-                        on_step_end=on_step_end)
+                        on_step_end=on_step_end, overwrite=overwrite)
 
 
 def finetune(
@@ -114,6 +148,7 @@ def finetune(
     out_dir: str | os.PathLike | None = None,
     *,
     on_step_end: Callable[[int, dict], None] | None = None,
+    overwrite: bool = False,
     **cfg: Any,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Fine-tune `model` on the answers of `split` (mean answer-token NLL); returns ``(model, run_record)``.
@@ -124,9 +159,10 @@ def finetune(
     """
     config = make_config(cfg, defaults={"split": "full", "optimizer": "adamw"}, split=split, optimizer=optimizer,
                          objective="finetune")
-    model, tokenizer, source = resolve_model(model, tokenizer)
+    check_before_loading(config)
     records = load_records(data, config.split)
+    model, tokenizer, source = resolve_model(model, tokenizer)
     info = {"train": data_entry(data, config.split, records)}
     return run_training(model, tokenizer, cfg=config, objective=FineTuneObjective(), train_records=records,
                         kind="finetune", out_dir=out_dir, input_model=source, data_info=info,
-                        on_step_end=on_step_end)
+                        on_step_end=on_step_end, overwrite=overwrite)

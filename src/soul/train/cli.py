@@ -111,6 +111,9 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--preset", default=argparse.SUPPRESS,
                         help=f"preset name ({', '.join(list_presets())}) or YAML path")
     parser.add_argument("--config", help="YAML file of option values (command-line options win)")
+    parser.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                        help="replace a previous soul output in --out (recognised by its run.json); a directory "
+                             "soul did not write is never replaced")
     skip = SKIP | (FINETUNE_ONLY if command == "unlearn" else UNLEARN_ONLY)
     for f in fields(TrainConfig):
         if f.name in skip:
@@ -124,7 +127,7 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
-    from soul.cli import CLIError
+    from soul.errors import CLIError
     from soul.train.api import finetune, unlearn
     from soul.train.loop import NonFiniteLossError
 
@@ -134,15 +137,22 @@ def _run(args: argparse.Namespace, command: str) -> int:
     model = values.pop("model", preset.get("model"))
     data = values.pop("data", preset.get("data", "bundled"))
     out = values.pop("out", preset.get("out"))
+    overwrite = values.pop("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise CLIError(f"option 'overwrite' must be true or false, got {overwrite!r}")
     if model is None:
         raise CLIError("--model is required (or give it in --config / --preset)")
     if out is None:
         raise CLIError("--out is required: the trained model goes to a new directory")
+    from soul.safety import check_output_dir
+
+    # Refuse an unsafe --out before loading anything (the loop checks again once it holds the lock).
+    check_output_dir(out, inputs=[model, data], overwrite=overwrite, resume=bool(values.get("resume")))
     try:
         if command == "unlearn":
-            _, record = unlearn(model, data=data, out_dir=out, **values)
+            _, record = unlearn(model, data=data, out_dir=out, overwrite=overwrite, **values)
         else:
-            _, record = finetune(model, data=data, out_dir=out, **values)
+            _, record = finetune(model, data=data, out_dir=out, overwrite=overwrite, **values)
     except NonFiniteLossError as err:
         raise CLIError(str(err)) from None
     final = record.get("final", {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -78,24 +79,28 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes copied into run.json
 
     def validate(self) -> TrainConfig:
-        """Raise a `ValueError` naming the first bad option."""
+        """Raise a `ValueError` naming the first bad option (its type, then its range; see `RANGES`)."""
+        check_types(self)
+        for name, (low, high, closed_low) in RANGES.items():
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):  # rho: "auto" is checked below
+                continue
+            if not math.isfinite(value) or value < low or (value == low and not closed_low) or value > high:
+                lo = f"[{low}" if closed_low else f"({low}"
+                raise ValueError(f"option {name!r} must be in {lo}, {high}], got {value!r}")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
                     "hessian_interval": self.hessian_interval, "probe_size": self.probe_size,
                     "hessian_samples": self.hessian_samples}
         for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise ValueError(f"option {name!r} must be a positive integer, got {value!r}")
         for name in ("max_steps", "warmup_steps", "max_length"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < (0 if name == "warmup_steps" else 1)):
+            if value is not None and value < (0 if name == "warmup_steps" else 1):
                 raise ValueError(f"option {name!r} must be a positive integer or null, got {value!r}")
         for name in ("probe_every", "checkpoint_every", "lora_r"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if getattr(self, name) < 0:
                 raise ValueError(f"option {name!r} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(f"option 'lr' must be a positive number, got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"option 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio!r}")
         if self.hessian_batch not in HESSIAN_BATCHES:
             raise ValueError(f"option 'hessian_batch' must be one of {HESSIAN_BATCHES}, got {self.hessian_batch!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -114,8 +119,11 @@ class TrainConfig:
         if not isinstance(self.optimizer_options, dict):
             raise ValueError("option 'optimizer_options' must be a mapping of constructor option: value, got "
                              f"{self.optimizer_options!r}")
-        if self.betas is not None and len(self.betas) != 2:
-            raise ValueError(f"option 'betas' must be two numbers, got {self.betas!r}")
+        if self.betas is not None:
+            if len(self.betas) != 2:
+                raise ValueError(f"option 'betas' must be two numbers, got {self.betas!r}")
+            if not all(0 <= b < 1 for b in self.betas):
+                raise ValueError(f"option 'betas' must be two numbers in [0, 1), got {self.betas!r}")
         if self.report_to:
             from soul.train.trackers import check_report_to
 
@@ -124,6 +132,51 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Numeric ranges (low, high, low included?) checked by `TrainConfig.validate` after the types. The upper bounds
+# are far beyond any sensible value; they catch typos such as lr 1e300 that would only produce NaNs later.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, 10.0, False),
+    "weight_decay": (0.0, 10.0, True),
+    "rho": (0.0, 1e6, False),
+    "warmup_ratio": (0.0, 1.0 - 1e-12, True),
+    "max_grad_norm": (0.0, 1e12, True),  # 0 or null: no clipping; negative would flip the gradient
+    "gamma": (0.0, 1e6, True),
+    "alpha": (0.0, 1e6, True),
+    "beta": (0.0, 1e6, False),
+    "delta": (-1e6, 1e6, True),
+    "lora_alpha": (0.0, 1e6, False),
+    "lora_dropout": (0.0, 1.0 - 1e-12, True),
+}
+
+
+def _expected(annotation: str) -> tuple[type, ...]:
+    base = annotation.replace(" | None", "")
+    return {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list[float]": (list, tuple),
+            "list[str]": (list, tuple), "dict[str, Any]": (dict,)}[base]
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """Every option has its declared type (a YAML ``max_steps: true`` or ``resume: "no"`` is an error)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        annotation = str(f.type)
+        if value is None:
+            if "None" in annotation:
+                continue
+            raise ValueError(f"option {f.name!r} must not be null")
+        kinds = _expected(annotation)
+        is_bool = isinstance(value, bool)
+        ok = isinstance(value, kinds) and (bool in kinds or not is_bool)
+        if ok and annotation.startswith("list[float]"):
+            ok = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if ok and annotation.startswith("list[str]"):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            want = annotation.replace(" | None", "").replace("dict[str, Any]", "mapping")
+            want = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(want, want)
+            raise ValueError(f"option {f.name!r} must be {want}, got {type(value).__name__} {value!r:.60}")
 
 
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}

@@ -26,9 +26,10 @@ get ``backward(create_graph=True)`` under the math attention kernel. Each step's
 update diagnostics of `soul.train.diagnostics` (``update_norm``, ``update_rms_over_lr``, ``rho``), summarised
 in the run record's ``diagnostics``.
 
-Checkpoints (``accelerator.save_state``: model, optimizer, scheduler, progress, every process's RNG) are
-written to ``<dir>/.tmp-step-N`` and renamed to ``<dir>/step-N`` once every process is done, so a checkpoint
-directory is complete or absent. A non-finite loss raises `NonFiniteLossError` before its backward pass,
+Checkpoints (`soul.train.checkpoint`: weights and optimizer state as safetensors; scheduler, progress,
+every process's RNG and the run's identity as JSON; nothing pickled) are written to ``<dir>/.tmp-step-N``,
+fsynced and renamed to ``<dir>/step-N`` once every process is done, so a checkpoint directory is complete or
+absent. Resume refuses a checkpoint of another configuration, data or input model, naming what differs. A non-finite loss raises `NonFiniteLossError` before its backward pass,
 so no checkpoint ever holds weights touched by it.
 """
 
@@ -51,14 +52,16 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from soul.io import write_json_atomic
+from soul.io import write_json_atomic, write_text_atomic
 from soul.losses import model_logits, sequence_nll
+from soul.safety import fsync_path, fsync_tree
 from soul.train.config import KEEP_BEST_METRICS, TrainConfig
 from soul.train.trackers import close_run, open_for_run
 
 LOG_NAME = "train_log.jsonl"
 RUN_NAME = "run.json"
 BEST_NAME = "best"
+BEST_WEIGHTS = "trainable.safetensors"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,7 +136,7 @@ class _Output:
 
 
 class Progress:
-    """The loop's own state, saved in checkpoints through `accelerator.register_for_checkpointing`."""
+    """The loop's own state, saved as JSON in every checkpoint (`soul.train.checkpoint`)."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -252,11 +255,29 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Full CPU copies of the trainable weights (gathered from every process under FSDP: collective)."""
+    return {n: (p.full_tensor() if type(p).__name__ == "DTensor" else p).detach().cpu().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------------- loop
-def run_training(
+def run_training(model: torch.nn.Module, tokenizer, *, cfg: TrainConfig, overwrite: bool = False,
+                 **kwargs: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """`_run_training` inside the output guard (`soul.train.output.guarded_run_output`): an unsafe ``out_dir``
+    is refused before any work, and it is locked while the run lasts. `overwrite` lets the run replace a
+    previous soul output in ``out_dir``."""
+    from soul.train.output import guarded_run_output, launch_is_main
+
+    cfg.validate()
+    out_dir = kwargs.get("out_dir")
+    if out_dir is None or not launch_is_main():
+        return _run_training(model, tokenizer, cfg=cfg, **kwargs)
+    with guarded_run_output(out_dir, resume=cfg.resume, overwrite=overwrite, input_model=kwargs.get("input_model"),
+                            data_info=kwargs.get("data_info")):
+        return _run_training(model, tokenizer, cfg=cfg, **kwargs)
+
+
+def _run_training(
     model: torch.nn.Module,
     tokenizer,
     *,
@@ -303,6 +324,9 @@ def run_training(
         # ZeRO hands gradients to its own optimizer step only, so a Hessian estimate would see no .grad.
         raise ValueError("optimizer 'sophia' does not run under DeepSpeed ZeRO (its Hessian estimate needs the "
                          "gradients in .grad); use an FSDP or DDP accelerate config, or optimizer 'adamw'")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and (cfg.checkpoint_every or cfg.resume):
+        raise ValueError("checkpoints and resume are not supported under DeepSpeed ZeRO (its optimizer state "
+                         "lives in the engine); use an FSDP or DDP accelerate config")
     main = accelerator.is_main_process
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     set_seed(cfg.seed)
@@ -318,8 +342,14 @@ def run_training(
         raise ValueError(f"objective {getattr(objective, 'name', objective)!r} needs retain data, got none")
     if not train_records:
         raise ValueError("the training split is empty")
-    train_feats = encode_records(train_records, tokenizer, cfg, refusals)
-    retain_feats = encode_records(retain_records, tokenizer, cfg) if retain_records else None
+    from soul.train.lengths import data_label, encode_within_context, model_context
+
+    context = model_context(model, tokenizer)  # nothing longer reaches a forward pass (soul.train.lengths)
+    train_role = "forget" if kind == "unlearn" else "train"
+    train_feats = encode_within_context(train_records, tokenizer, cfg, refusals, context=context,
+                                        where=data_label(data_info, train_role))
+    retain_feats = (encode_within_context(retain_records, tokenizer, cfg, None, context=context,
+                                          where=data_label(data_info, "retain")) if retain_records else None)
     collate = QACollator(tokenizer)
 
     def make_batch(feats: list[dict], idx: list[int]) -> dict[str, Any]:
@@ -358,6 +388,11 @@ def run_training(
                                     for i in range(0, n, cfg.batch_size)]
 
     # ---- model, frozen reference, LoRA, optimizer, schedule
+    model_fp = None
+    if out is not None and (cfg.checkpoint_every or cfg.resume):  # what a resumed run must start from
+        from soul.train.checkpoint import fingerprint_model
+
+        model_fp = fingerprint_model(model, input_model)
     ref_model = None
     if getattr(objective, "needs_reference", False):
         ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -371,7 +406,6 @@ def run_training(
     # The scheduler is not prepared: accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, raw_optimizer)
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
     trainable = [p for p in model.parameters() if p.requires_grad]
     from soul.optim import needs_create_graph
 
@@ -383,23 +417,30 @@ def run_training(
         from soul.optim import estimate_hessian
 
     # ---- resume, or start clean
+    from soul.train import checkpoint as ckpt_io
+
     log_path = out / LOG_NAME if out is not None else None
     resumed_from = None
     last_ckpt = latest_checkpoint(ckpt_root) if ckpt_root is not None else None
+    identity = None
+    if ckpt_root is not None and (cfg.checkpoint_every or cfg.resume):
+        identity = {"config": cfg.to_dict(), "world_size": world, "model": model_fp,
+                    "data": {"train": hash_records(train_records),
+                             **({"retain": hash_records(retain_records)} if retain_records else {})}}
     if cfg.resume and last_ckpt is not None:
-        saved = json.loads((last_ckpt / "checkpoint.json").read_text())
-        for key in ("batch_size", "grad_accum", "seed", "epochs", "max_steps", "lr", "optimizer", "objective"):
-            if saved["config"].get(key) != cfg.to_dict().get(key):
-                raise ValueError(f"cannot resume from {last_ckpt}: option {key!r} was {saved['config'].get(key)!r}, "
-                                 f"now {cfg.to_dict().get(key)!r}")
-        if saved["world_size"] != world:
-            raise ValueError(f"cannot resume from {last_ckpt}: it was written by {saved['world_size']} processes, "
-                             f"this run has {world}")
-        accelerator.load_state(str(last_ckpt))
+        saved = ckpt_io.read_meta(last_ckpt)
+        diffs = ckpt_io.resume_differences(saved, identity)
+        if diffs:
+            raise ValueError(f"cannot resume from {last_ckpt}: " + "; ".join(diffs))
+        ckpt_io.load_checkpoint(last_ckpt, accelerator=accelerator, model=model, optimizer=raw_optimizer)
+        scheduler.load_state_dict(saved["scheduler"])
+        progress.load_state_dict(saved["progress"])
+        if hasattr(raw_optimizer, "_record_h_stats"):  # h_mean/h_max of the restored Hessian, not null
+            raw_optimizer._record_h_stats()
         resumed_from = progress.step
         if main and log_path is not None and log_path.exists():  # drop log lines of steps after the checkpoint
-            keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= progress.step]
-            log_path.write_text("".join(f"{ln}\n" for ln in keep))
+            keep = ckpt_io.read_log_lines(log_path, progress.step)
+            write_text_atomic(log_path, "".join(f"{ln}\n" for ln in keep))
     elif main and out is not None:
         if ckpt_root.exists():
             shutil.rmtree(ckpt_root)
@@ -418,18 +459,21 @@ def run_training(
 
     def save_checkpoint(step: int) -> None:
         tmp, final = ckpt_root / f".tmp-step-{step:08d}", ckpt_root / f"step-{step:08d}"
-        if main and tmp.exists():
-            shutil.rmtree(tmp)
+        if main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         progress.elapsed = time.time() - run_start
-        accelerator.save_state(str(tmp), safe_serialization=False)
-        if main:
-            write_json_atomic(tmp / "checkpoint.json", {"step": step, "config": cfg.to_dict(), "world_size": world})
+        meta = {**identity, "step": step, "scheduler": scheduler.state_dict(), "progress": progress.state_dict()}
+        ckpt_io.save_checkpoint(tmp, accelerator=accelerator, model=model, optimizer=raw_optimizer, meta=meta)
         accelerator.wait_for_everyone()
         if main:
+            fsync_path(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fsync_path(ckpt_root)
             for old in ckpt_root.glob("step-*"):
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
@@ -457,7 +501,7 @@ def run_training(
                 if main:
                     tmp = ckpt_root / f".tmp-{BEST_NAME}"
                     tmp.mkdir(parents=True, exist_ok=True)
-                    torch.save(state, tmp / "trainable.pt")
+                    ckpt_io.save_trainable(state, tmp / BEST_WEIGHTS)
                     write_json_atomic(tmp / "best.json", progress.best)
                     if (ckpt_root / BEST_NAME).exists():
                         shutil.rmtree(ckpt_root / BEST_NAME)
@@ -573,7 +617,7 @@ def run_training(
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(model)
     if cfg.keep_best and progress.best is not None:
-        state = torch.load(ckpt_root / BEST_NAME / "trainable.pt", map_location="cpu")
+        state = ckpt_io.load_trainable(ckpt_root / BEST_NAME / BEST_WEIGHTS)
         with torch.no_grad():
             for name, param in trained.named_parameters():
                 if name in state:
@@ -617,20 +661,27 @@ def run_training(
         staging = out.parent / f".{out.name}.final-{os.getpid()}"
         if staging.exists():
             shutil.rmtree(staging)
-        save_model(trained, tokenizer, staging, state_dict=full_state)
-        record["out_dir"] = str(out)
-        write_json_atomic(staging / RUN_NAME, record)
-        if log_path.exists():
-            shutil.copy2(log_path, staging / LOG_NAME)
-        if ckpt_root.exists() and (cfg.keep_checkpoints or cfg.keep_best):
-            shutil.copytree(ckpt_root, staging / "checkpoints")
+        try:
+            save_model(trained, tokenizer, staging, state_dict=full_state)
+            record["out_dir"] = str(out)
+            write_json_atomic(staging / RUN_NAME, record)
+            if log_path.exists():
+                shutil.copy2(log_path, staging / LOG_NAME)
+            if ckpt_root.exists() and (cfg.keep_checkpoints or cfg.keep_best):
+                shutil.copytree(ckpt_root, staging / "checkpoints", ignore=shutil.ignore_patterns(".tmp-*"))
+            fsync_tree(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if out.exists():  # swap in place: the old directory (this run's working files) goes only after
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(staging, out)
+            fsync_path(out.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, out)
+            fsync_path(out.parent)
     close_run(trackers, out)
     accelerator.wait_for_everyone()
     accelerator.free_memory()

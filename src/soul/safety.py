@@ -1,0 +1,365 @@
+"""Guards around what soul writes: output-directory checks, locks, leftover cleanup, durable renames.
+
+* `check_output_dir` refuses an ``--out`` that would destroy something soul did not make: a file, a non-empty
+  directory that is not a soul output, an input (model or data) or a directory holding one, the cached base
+  models, an unwritable place. A previous soul output (recognised by its ``run.json``, or by the marker
+  `OUTPUT_MARKER` that a run writes when it starts) is replaced only with ``overwrite``.
+* `dir_lock` is a lock file ``.<name>.lock`` next to a directory (or file) holding the owner's PID; a second
+  process is refused, a lock left by a dead process is taken over. It is re-entrant within a process.
+* `clean_leftovers` removes the temporary siblings (``.<name>.final-PID``, ``.<name>.old-PID``,
+  ``.<name>.tmp-PID-*`` …) that a killed process left behind, only when that PID is no longer alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from soul.errors import LockedError, OutputError
+
+OUTPUT_MARKER = ".soul-output"
+RUN_RECORD = "run.json"
+LOCK_SUFFIX = ".lock"
+STALE_EMPTY_LOCK_S = 10.0  # an empty lock file (owner killed between create and write) older than this is stale
+LOCK_POLL_S = 0.5
+CACHE_WAIT_S = 6 * 3600.0  # how long a cache user waits for another process filling the same entry
+_HELD: dict[Path, int] = {}  # lock files this process holds -> re-entry count
+
+
+# ------------------------------------------------------------------------------------------- processes
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a process of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------------------------- durable
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries, to disk (best effort where the OS refuses directories)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
+    with contextlib.suppress(OSError):
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under `root` (before the rename that makes it visible)."""
+    root = Path(root)
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(dirpath)
+
+
+def public_dir_mode(path: str | os.PathLike) -> None:
+    """Give a directory made by `tempfile.mkdtemp` (mode 0700) the usual mode: 0777 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o777 & ~umask)
+
+
+# ----------------------------------------------------------------------------------------------- locks
+def lock_path(target: str | os.PathLike) -> Path:
+    target = Path(target).expanduser().resolve()
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+
+
+def _read_pid(lock: Path) -> int | None:
+    try:
+        text = lock.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text[0]) if text and text[0].isdigit() else None
+
+
+def _try_create(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n{socket.gethostname()}\n")
+    return True
+
+
+def acquire_lock(target: str | os.PathLike, wait_s: float = 0.0) -> Path:
+    """Take the lock of `target` (see the module docstring). While another live process holds it, retry for up
+    to `wait_s` seconds, then raise `LockedError` naming the owner."""
+    lock = lock_path(target)
+    if lock in _HELD:
+        _HELD[lock] += 1
+        return lock
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            _take(lock, target)
+            _HELD[lock] = 1
+            return lock
+        except LockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(min(LOCK_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def _take(lock: Path, target: str | os.PathLike) -> None:
+    for _attempt in range(3):
+        if _try_create(lock):
+            return
+        pid = _read_pid(lock)
+        if pid is None:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - lock.stat().st_mtime < STALE_EMPTY_LOCK_S:
+                    raise LockedError(f"{Path(target)} is being locked by another process (lock file {lock})")
+        elif pid_alive(pid):
+            raise LockedError(f"{Path(target)} is in use by process {pid} (lock file {lock}); wait for it to "
+                              "finish, or delete the lock file if that process is not soul")
+        # Stale: its owner is dead. Remove it and race for a fresh one (O_EXCL lets one process win).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+    raise LockedError(f"{Path(target)}: could not take the lock {lock}")
+
+
+def release_lock(lock: Path) -> None:
+    count = _HELD.get(lock, 0)
+    if count > 1:
+        _HELD[lock] = count - 1
+        return
+    _HELD.pop(lock, None)
+    if _read_pid(lock) == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+@contextlib.contextmanager
+def dir_lock(target: str | os.PathLike, wait_s: float = 0.0) -> Iterator[Path]:
+    """Hold the lock of `target` (a directory or file path, which need not exist) for the ``with`` block;
+    `wait_s` as in `acquire_lock` (outputs: 0, refuse at once; cache entries: `CACHE_WAIT_S`, wait for the
+    process filling the entry and then use what it made)."""
+    lock = acquire_lock(target, wait_s)
+    try:
+        yield lock
+    finally:
+        release_lock(lock)
+
+
+# -------------------------------------------------------------------------------------------- leftovers
+def _leftover_patterns(name: str) -> list[re.Pattern]:
+    n = re.escape(name)
+    return [re.compile(rf"^\.{n}\.(?:final|old)-(\d+)$"),            # loop staging / swapped-out directory
+            re.compile(rf"^\.\.{n}\.final-(\d+)\.tmp-.*$"),           # save_model's temp dir inside the staging
+            re.compile(rf"^\.{n}\.tmp-(\d+)-.*$"),                    # save_model's temp dir
+            re.compile(rf"^\.{n}\.(\d+)\..*\.tmp$")]                   # write_bytes_atomic's temp file
+
+
+def clean_leftovers(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of `target` left by dead soul processes; returns what was removed."""
+    target = Path(target).expanduser().resolve()
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    removed = []
+    patterns = _leftover_patterns(target.name)
+    for entry in parent.iterdir():
+        for pattern in patterns:
+            m = pattern.match(entry.name)
+            if m and not pid_alive(int(m.group(1))):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+                break
+    return removed
+
+
+TINY_PREFIX = "soul-tiny-"
+
+
+def clean_tiny_tempdirs(tmp_root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove ``soul-tiny-<PID>-*`` temporary model directories of dead processes (see `soul.pipeline`)."""
+    import tempfile
+
+    root = Path(tmp_root or tempfile.gettempdir())
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in root.iterdir():
+            m = re.match(rf"^{TINY_PREFIX}(\d+)-", entry.name)
+            if m and entry.is_dir() and not pid_alive(int(m.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------- out guard
+def is_soul_output(path: str | os.PathLike) -> bool:
+    """A directory soul wrote: it holds a run record (``run.json``) or the marker a run writes at its start."""
+    path = Path(path)
+    return (path / RUN_RECORD).is_file() or (path / OUTPUT_MARKER).is_file()
+
+
+def nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse, before any work, an output whose nearest existing ancestor cannot be written."""
+    path = Path(path).expanduser().resolve()
+    base = nearest_existing(path.parent if not path.exists() else path)
+    if base.exists() and not base.is_dir():
+        raise OutputError(f"{option} {path}: {base} is a file, so nothing can be created under it")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: {base} is not writable (permissions or a read-only file system)")
+
+
+def _local_path(value: str | os.PathLike | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def protected_dirs() -> list[Path]:
+    """Directories no run may write into: the converted base models that every later load reads."""
+    from soul.models import cache_dir
+
+    return [(cache_dir() / "models").expanduser().resolve()]
+
+
+def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                     overwrite: bool = False, resume: bool = False, option: str = "--out") -> Path:
+    """The resolved `out`, after refusing anything unsafe (module docstring). `inputs` are the run's model
+    and data paths (aliases resolved by the caller); names that are not local paths are ignored."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{option} {out}: is a file; give a directory for the output model")
+    for raw in inputs:
+        src = _local_path(raw)
+        if src is None:
+            continue
+        if out == src or out in src.parents:
+            raise OutputError(f"{option} {out}: would replace the input {src}; choose another directory")
+        if src in out.parents and src.is_dir():
+            raise OutputError(f"{option} {out}: is inside the input {src}; choose a directory outside it")
+    for guarded in protected_dirs():
+        if out == guarded or guarded in out.parents or out in guarded.parents:
+            raise OutputError(f"{option} {out}: would write into soul's model cache {guarded}, which every later "
+                              "load of a bundled model reads; choose another directory")
+    if out.is_dir() and any(not p.name.endswith(LOCK_SUFFIX) for p in out.iterdir()):
+        if not is_soul_output(out):
+            raise OutputError(f"{option} {out}: exists, is not empty and is not a soul output (no {RUN_RECORD}); "
+                              "soul never replaces a directory it did not write: choose a new directory")
+        if not (overwrite or resume):
+            raise OutputError(f"{option} {out}: holds a previous soul output; pass --overwrite to replace it "
+                              "(or --resume to continue its checkpoints)")
+    check_writable(out, option)
+    return out
+
+
+def check_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                      option: str = "--out") -> Path:
+    """The resolved output file `out`, refused when it is a directory, an input, or cannot be written."""
+    out = Path(out).expanduser().resolve()
+    if out.is_dir():
+        raise OutputError(f"{option} {out}: is a directory; give a file name for the results JSON")
+    for raw in inputs:
+        src = _local_path(raw)
+        # A new file next to an input (results.json in the model directory) is fine; replacing one is not.
+        if src is not None and (out == src or (out.exists() and src in out.parents)):
+            raise OutputError(f"{option} {out}: would replace a file of the input {src}; choose another file")
+    check_writable(out, option)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise OutputError(f"{option} {out}: exists and is not writable")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- fingerprints
+_HEAD_TAIL = 1 << 24
+_WHOLE_LIMIT = 1 << 28
+
+
+def fingerprint_files(root: str | os.PathLike) -> str:
+    """SHA-256 over a directory's files (name, size, bytes; files over 256 MiB by their first and last
+    16 MiB), skipping soul's bookkeeping (run record, log, checkpoints, hidden files)."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith(("checkpoints/", ".")) or "/." in rel or rel in (RUN_RECORD, "train_log.jsonl"):
+            continue
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= _WHOLE_LIMIT:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            else:
+                h.update(fh.read(_HEAD_TAIL))
+                fh.seek(size - _HEAD_TAIL)
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+REPORT_RECORD = "results.json"
+
+
+def check_report_dir(out: str | os.PathLike, option: str = "--out") -> Path:
+    """A report directory (`soul reproduce`/`sweep`/`report`): refused when it is a file, or a non-empty
+    directory that is not a soul report (no ``results.json`` nor `OUTPUT_MARKER`), or cannot be written."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{option} {out}: is a file; give a directory for the report")
+    if out.is_dir() and any(not p.name.endswith(LOCK_SUFFIX) for p in out.iterdir()) \
+            and not ((out / REPORT_RECORD).is_file() or is_soul_output(out)):
+        raise OutputError(f"{option} {out}: exists, is not empty and is not a soul report (no {REPORT_RECORD}); "
+                          "choose a new directory")
+    check_writable(out, option)
+    return out
+
+
+def mark_output(out: Path) -> None:
+    """Create `out` (mode 0777 minus umask) with the soul-output marker, so later runs recognise it."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    if created:
+        public_dir_mode(out)
+    marker = out / OUTPUT_MARKER
+    if not marker.exists():
+        marker.write_text(f"soul output; pid {os.getpid()}\n")
+
+
+def require_number(value: object, option: str, *, low: float | None = None, high: float | None = None,
+                   integer: bool = False, allow_none: bool = False) -> None:
+    """Refuse an option value of the wrong type or outside [low, high] (values from YAML bypass argparse)."""
+    import math
+
+    if value is None and allow_none:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise OutputError(f"option {option} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise OutputError(f"option {option} must be {bounds}, got {value!r}")

@@ -1,0 +1,151 @@
+"""Every sub-command against a list of bad inputs: missing, corrupt or non-UTF-8 files, wrong types, values out of
+range, unsafe or unwritable outputs. Each must exit with status 2 and one line on stderr that names the file or
+the option — no traceback — and leave every file as it was (inputs hashed before and after) with no output
+written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from soul.cli import main
+from soul.models import save_model
+from soul.testing import tiny_model
+
+FACTS = [{"question": f"Where does {n} live?", "answer": f"{n} lives at number {i}."}
+         for i, n in enumerate(["Ada", "Bo", "Cy", "Dee", "Eve", "Flo"])]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A directory holding a model, a data set, broken versions of both, configs and results files."""
+    root = tmp_path_factory.mktemp("world")
+    save_model(*tiny_model("llama"), root / "model")
+    data = root / "data"
+    data.mkdir()
+    perturbed = [{**r, "paraphrased_answer": r["answer"], "perturbed_answer": ["No.", "Nowhere.", "Elsewhere."]}
+                 for r in FACTS[:2]]
+    for name, records in {"full": FACTS, "forget10": FACTS[:2], "retain90": FACTS[2:],
+                          "forget10_perturbed": perturbed}.items():
+        (data / f"{name}.json").write_text(json.dumps(records))
+    overlap = root / "overlap"
+    overlap.mkdir()
+    for name, records in {"forget10": FACTS[:2], "retain90": FACTS[1:], "full": FACTS}.items():
+        (overlap / f"{name}.json").write_text(json.dumps(records))
+    bad_json = root / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "forget10.json").write_text('[{"question": "Q?", "answer": ')
+    (bad_json / "full.json").write_text('[{"question": "Q?", "answer": ')
+    latin = root / "latin"
+    latin.mkdir()
+    for name in ("forget10", "retain90", "full", "forget10_perturbed"):
+        (latin / f"{name}.json").write_bytes('[{"question": "Où?", "answer": "Là."}]'.encode("latin-1"))
+    truncated = root / "truncated_model"
+    truncated.mkdir()
+    for f in (root / "model").iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (root / "a_file").write_text("not a directory\n")
+    (root / "not_empty").mkdir()
+    (root / "not_empty" / "notes.md").write_text("mine\n")
+    (root / "bool_steps.yaml").write_text("max_steps: true\n")
+    (root / "str_authors.yaml").write_text("authors: many\n")
+    (root / "results_not_soul.json").write_text(json.dumps({"forget_quality": {"agg_value": 0.5}}))
+    (root / "results_bad.json").write_text("{not json")
+    return root
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+M, D = "{root}/model", "{root}/data"
+OUT = "{root}/out"
+TRAIN = ["--max-steps", "1", "--no-progress"]
+CASES = [
+    # (argv with {root}, what the error line must contain)
+    (["ask", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["ask", "hi", "--max-new-tokens", "x"], "--max-new-tokens"),
+    (["ask", "hi", "--model", "{root}/missing"], "{root}/missing"),
+    (["ask", "hi", "--model", "{root}/truncated_model"], "{root}/truncated_model"),
+    (["ask", "hi", "--config", "{root}/missing.yaml"], "{root}/missing.yaml"),
+    (["data", "make", "--out", OUT, "--authors", "190"], "--authors"),
+    (["data", "make", "--out", OUT, "--authors", "1"], "--authors"),
+    (["data", "make", "--out", OUT, "--qas-per-author", "0"], "qas_per_author"),
+    (["data", "make", "--out", OUT, "--perturbed", "9"], "n_perturbed"),
+    (["data", "make", "--out", OUT, "--seed", "1.5"], "--seed"),
+    (["data", "make", "--out", "{root}/a_file"], "{root}/a_file: is a file"),
+    (["data", "make", "--out", "{root}/not_empty"], "{root}/not_empty: exists, is not empty"),
+    (["data", "make", "--out", "{root}/a_file/sub"], "{root}/a_file is a file"),
+    (["data", "make", "--out", OUT, "--config", "{root}/str_authors.yaml"], "--authors"),
+]
+for command in ("finetune", "unlearn"):
+    CASES += [
+        ([command, "--model", "{root}/missing", "--data", D, "--out", OUT, *TRAIN], "{root}/missing"),
+        ([command, "--model", "{root}/truncated_model", "--data", D, "--out", OUT, *TRAIN], "{root}/truncated_model"),
+        ([command, "--model", M, "--data", "{root}/missing_data", "--out", OUT, *TRAIN], "{root}/missing_data"),
+        ([command, "--model", M, "--data", "{root}/bad_json", "--out", OUT, *TRAIN], "{root}/bad_json/"),
+        ([command, "--model", M, "--data", "{root}/latin", "--out", OUT, *TRAIN], "{root}/latin/"),
+        ([command, "--model", M, "--data", D, "--out", OUT, "--lr", "-1", *TRAIN], "'lr'"),
+        ([command, "--model", M, "--data", D, "--out", OUT, "--lr", "1e300", *TRAIN], "'lr'"),
+        ([command, "--model", M, "--data", D, "--out", OUT, "--max-steps", "0", "--no-progress"], "'max_steps'"),
+        ([command, "--model", M, "--data", D, "--out", OUT, "--batch-size", "two", *TRAIN], "--batch-size"),
+        ([command, "--model", M, "--data", D, "--out", OUT, "--max-grad-norm", "-1", *TRAIN], "'max_grad_norm'"),
+        ([command, "--model", M, "--data", D, "--out", OUT, "--optimizer", "adamax", *TRAIN], "'adamax'"),
+        ([command, "--model", M, "--data", D, "--out", OUT, "--prompt-format", "xml", *TRAIN], "'prompt_format'"),
+        ([command, "--model", M, "--data", D, "--out", OUT, "--config", "{root}/bool_steps.yaml"], "'max_steps'"),
+        ([command, "--model", M, "--data", D, "--out", OUT, "--config", "{root}/missing.yaml"], "{root}/missing.yaml"),
+        ([command, "--model", M, "--data", D, "--out", "{root}/a_file", *TRAIN], "{root}/a_file: is a file"),
+        ([command, "--model", M, "--data", D, "--out", "{root}/not_empty", *TRAIN], "{root}/not_empty: exists"),
+        ([command, "--model", M, "--data", D, "--out", "{root}", *TRAIN], "would replace the input"),
+        ([command, "--model", M, "--data", D, "--out", D, *TRAIN], "would replace the input {root}/data"),
+        ([command, "--model", M, "--data", D, "--out", "{root}/a_file/sub", *TRAIN], "{root}/a_file is a file"),
+    ]
+CASES += [
+    (["unlearn", "--model", M, "--data", "{root}/overlap", "--out", OUT, *TRAIN], "{root}/overlap"),
+    (["unlearn", "--model", M, "--data", D, "--out", OUT, "--forget-split", "forget99", *TRAIN], "forget99"),
+    (["unlearn", "--model", M, "--data", D, "--out", OUT, "--objective", "forgetall", *TRAIN], "forgetall"),
+    (["finetune", "--model", M, "--data", D, "--out", OUT, "--split", "nosuch", *TRAIN], "nosuch"),
+    (["eval", "--model", "{root}/missing", "--data", D, "--out", "{root}/r.json"], "{root}/missing"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/not_empty"], "{root}/not_empty: is a directory"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/a_file/r.json"], "{root}/a_file is a file"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/model/model.safetensors"], "would replace a file"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--min-k", "2"], "--min-k"),
+    (["eval", "--model", M, "--data", "{root}/missing_data", "--out", "{root}/r.json"], "{root}/missing_data"),
+    (["eval", "--model", M, "--data", "{root}/latin", "--out", "{root}/r.json", "--forget-split", "forget10"],
+     "{root}/latin/"),
+    (["reproduce", "--preset", "{root}/missing.yaml", "--out", OUT], "{root}/missing.yaml"),
+    (["reproduce", "--preset", "tiny", "--out", "{root}/a_file"], "{root}/a_file: is a file"),
+    (["reproduce", "--preset", "tiny", "--out", "{root}/not_empty"], "{root}/not_empty: exists"),
+    (["reproduce", "--preset", "tiny", "--out", "{root}/a_file/sub"], "{root}/a_file is a file"),
+    (["sweep", "--preset", "{root}/missing.yaml", "--out", OUT], "{root}/missing.yaml"),
+    (["sweep", "--preset", "tiny", "--out", "{root}/a_file/sub"], "{root}/a_file is a file"),
+    (["report", "{root}/missing.json", "--out", OUT], "{root}/missing.json"),
+    (["report", "{root}/results_bad.json", "--out", OUT], "{root}/results_bad.json"),
+    (["report", "{root}/results_not_soul.json", "--out", OUT], "{root}/results_not_soul.json"),
+    (["report", "{root}/results_not_soul.json", "--out", OUT, "--utility-fraction", "2"], "--utility-fraction"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, argv, expected, capsys, monkeypatch):
+    monkeypatch.setenv("SOUL_CACHE", str(world.parent / "cache"))
+    args = [a.format(root=world) for a in argv]
+    before = tree(world)
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(args))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_info.value.code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("soul "), lines[0]
+    assert expected.format(root=world) in lines[0], lines[0]
+    assert tree(world) == before  # no input changed, no output written
+    assert not (world / "out").exists() and not (world / "r.json").exists()
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []  # no lock or temp file
