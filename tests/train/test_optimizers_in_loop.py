@@ -135,7 +135,7 @@ def test_optimizer_options_and_rho_validation(setup, tmp_path, capsys):
     assert "expected a number or 'auto'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="option 'target_unclipped' must be in \\(0, 1\\)"):
         make_config(target_unclipped=1.5)
-    with pytest.raises(ValueError, match="option 'rho' must be a number > 0 or 'auto'"):
+    with pytest.raises(ValueError, match=r"option 'rho' must be in \(0\.0, "):
         make_config(rho=-1.0)
     assert make_config({"rho": "auto"}).rho == "auto" and make_config({"rho": "0.1"}).rho == 0.1
     with pytest.raises(ValueError, match="option 'hessian_samples' must be a positive integer"):

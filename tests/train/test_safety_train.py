@@ -433,6 +433,7 @@ def test_an_output_in_use_by_another_process_is_refused(base, tmp_path, capsys):
 
 def test_a_cache_entry_being_filled_by_another_process_is_waited_for(base, tmp_path, monkeypatch):
     import soul.pipeline as pipeline
+    import soul.pipeline.stages as stages
     from soul.errors import LockedError
     from soul.safety import lock_path
 
@@ -442,14 +443,14 @@ def test_a_cache_entry_being_filled_by_another_process_is_waited_for(base, tmp_p
     data = {"full": FACTS, "retain90": FACTS[2:], "forget10": FACTS[:2]}
     progress = pipeline.Progress(None, 4)
     seen = []
-    monkeypatch.setattr(pipeline, "_cached_finetune", lambda role, out, *a, **k: seen.append(out) or (str(out), "", 0.0))
-    pipeline.reference_model("target", preset, str(base), "fp", data, progress)
+    monkeypatch.setattr(stages, "_cached_finetune", lambda role, out, *a, **k: seen.append(out) or (str(out), "", 0.0))
+    stages._reference_model("target", preset, str(base), "fp", data, progress)
     entry = seen[0]
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock_path(entry).write_text(f"{holder.pid}\n")
         with pytest.raises(LockedError, match=f"in use by process {holder.pid}"):  # after waiting 1 s
-            pipeline.reference_model("target", preset, str(base), "fp", data, progress)
+            stages._reference_model("target", preset, str(base), "fp", data, progress)
     finally:
         holder.kill()
         holder.wait()
@@ -461,7 +462,7 @@ def test_a_cache_entry_being_filled_by_another_process_is_waited_for(base, tmp_p
     reaper = threading.Thread(target=holder.wait)  # reaped as soon as it exits (a zombie's PID looks alive)
     reaper.start()
     try:
-        assert pipeline.reference_model("target", preset, str(base), "fp", data, progress)[0] == str(entry)
+        assert stages._reference_model("target", preset, str(base), "fp", data, progress)[0] == str(entry)
     finally:
         reaper.join()
     assert not lock_path(entry).exists()

@@ -44,6 +44,29 @@ def _with_examples(preset: Preset, runs: list[dict[str, Any]]) -> None:
             run.setdefault("examples", examples)
 
 
+def plan_reproduce(preset: PresetLike, only: list[str] | None = None, seeds: list[int] | None = None
+                   ) -> tuple[Preset, list[dict[str, Any]], bool]:
+    """(preset, run specs, whether influence runs): every check of the preset, `only` and `seeds`, with no
+    side effect — the command line calls it before it creates the report directory."""
+    preset = load_preset(preset)
+    if seeds is not None:
+        preset = preset.with_seeds(seeds)
+    specs = select(unlearn_configs(preset), only, ("influence",) if preset.influence is not None else ())
+    do_influence = preset.influence is not None and (not only or "influence" in only)
+    return preset, specs, do_influence
+
+
+def plan_sweep(preset: PresetLike, seeds: list[int] | None = None) -> tuple[Preset, list[dict[str, Any]]]:
+    """(preset, sweep specs) after every check, with no side effect (see `plan_reproduce`)."""
+    preset = load_preset(preset)
+    if seeds is not None:
+        preset = preset.with_seeds(seeds)
+    if not preset.task_impl.supports_sweep:
+        raise ValueError(f"preset {preset.where}: `soul sweep` needs task 'tofu' (forget quality vs model "
+                         f"utility), not {preset.task!r}; use `soul reproduce` for this task")
+    return preset, sweep_grid(preset)
+
+
 def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bool = False,
               stream: TextIO | str | None = "stderr", only: list[str] | None = None,
               seeds: list[int] | None = None) -> dict[str, Any]:
@@ -52,11 +75,7 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
     groups (``graddiff-sophia``: every seed) or ``influence``; `seeds` replaces the preset's seeds.
     Everything is checked before any model is loaded. Unlearned models are discarded after evaluation
     unless `keep_models` (saved under ``out_dir/runs/<name>/model``)."""
-    preset = load_preset(preset)
-    if seeds is not None:
-        preset = preset.with_seeds(seeds)
-    specs = select(unlearn_configs(preset), only, ("influence",) if preset.influence is not None else ())
-    do_influence = preset.influence is not None and (not only or "influence" in only)
+    preset, specs, do_influence = plan_reproduce(preset, only, seeds)
     stream = _stream(stream)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,13 +117,7 @@ def sweep(preset: PresetLike, out_dir: str | os.PathLike, *, stream: TextIO | st
     """Grid over the preset's ``sweep.grid`` per optimizer × seed; the report shows the Pareto front and, per
     optimizer, the best setting (forget quality at model utility ≥ 95 % of the target's, means over seeds),
     warning when it lies at the edge of the grid's learning rates."""
-    preset = load_preset(preset)
-    if seeds is not None:
-        preset = preset.with_seeds(seeds)
-    if not preset.task_impl.supports_sweep:
-        raise ValueError(f"preset {preset.where}: `soul sweep` needs task 'tofu' (forget quality vs model "
-                         f"utility), not {preset.task!r}; use `soul reproduce` for this task")
-    specs = sweep_grid(preset)
+    preset, specs = plan_sweep(preset, seeds)
     stream = _stream(stream)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,15 +33,12 @@ def _guarded_report_dir(out: str):
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from soul.pipeline import load_preset, reproduce
-    from soul.pipeline.grid import select, unlearn_configs
+    from soul.pipeline import reproduce
+    from soul.pipeline.api import plan_reproduce
 
     # Every problem with the preset, --seeds or --only is a ValueError raised before the report directory
     # is made or any model is loaded; `soul.cli.main` prints it as one line and exits 2.
-    preset = load_preset(args.preset)
-    if args.seeds is not None:
-        preset = preset.with_seeds(args.seeds)
-    select(unlearn_configs(preset), args.only or None, ("influence",) if preset.influence is not None else ())
+    plan_reproduce(args.preset, args.only or None, args.seeds)
     with _guarded_report_dir(args.out):
         reproduce(args.preset, args.out, keep_models=args.keep_models, only=args.only or None, seeds=args.seeds,
                   stream=None if args.quiet else sys.stderr)
@@ -49,9 +46,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from soul.pipeline import load_preset, sweep
+    from soul.pipeline import sweep
+    from soul.pipeline.api import plan_sweep
 
-    load_preset(args.preset)
+    plan_sweep(args.preset, args.seeds)
     with _guarded_report_dir(args.out):
         sweep(args.preset, args.out, seeds=args.seeds, stream=None if args.quiet else sys.stderr)
     return 0

@@ -151,10 +151,15 @@ RANGES: dict[str, tuple[float, float, bool]] = {
 }
 
 
+_KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                                       "list[float]": (list, tuple), "list[str]": (list, tuple),
+                                       "dict[str, Any]": (dict,)}
+
+
 def _expected(annotation: str) -> tuple[type, ...]:
+    """The Python types a field annotation admits (a union such as ``float | str`` admits both)."""
     base = annotation.replace(" | None", "")
-    return {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list[float]": (list, tuple),
-            "list[str]": (list, tuple), "dict[str, Any]": (dict,)}[base]
+    return tuple(t for part in base.split(" | ") for t in _KINDS[part])
 
 
 def check_types(cfg: TrainConfig) -> None:
@@ -175,7 +180,8 @@ def check_types(cfg: TrainConfig) -> None:
             ok = all(isinstance(v, str) for v in value)
         if not ok:
             want = annotation.replace(" | None", "").replace("dict[str, Any]", "mapping")
-            want = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(want, want)
+            want = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                    "float | str": "a number or a string"}.get(want, want)
             raise ValueError(f"option {f.name!r} must be {want}, got {type(value).__name__} {value!r:.60}")
 
 
