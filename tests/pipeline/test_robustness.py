@@ -182,3 +182,19 @@ def test_tiny_pipeline_with_attacks(tmp_path, monkeypatch):
     assert "<h2>Robustness</h2>" in html and verdicts[0]["sentence"].split(":")[0] in html
     embedded = [base64.b64decode(u) for u in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
     assert (out / "recovery.png").read_bytes() in embedded
+
+
+def test_attacked_seeds_follow_seeds_overrides(tmp_path):
+    """Default: every seed run (``--seeds`` included); explicit ``attacks.seeds`` not run are said, not hidden."""
+    from soul.pipeline.common import Progress
+    from soul.pipeline.robustness import Robustness
+
+    preset = load_preset(write(tmp_path, {"quantize": {}}))
+    assert Robustness(preset.with_seeds([4, 5]), tmp_path, Progress(None, 4)).seeds == [4, 5]
+    bounded = load_preset(write(tmp_path, {"quantize": {}, "seeds": [1], "influence": False}))
+    rob = Robustness(bounded, tmp_path, Progress(None, 4))
+    assert rob.seeds == [1] and rob.wants({"seed": 1}) and not rob.wants({"seed": 0})
+    assert not rob.wants({"role": "influence"})
+    log = io.StringIO()
+    none = Robustness(bounded.with_seeds([4]), tmp_path, Progress(log, 4))
+    assert none.seeds == [] and not none.active and "none of attacks.seeds [1] is run" in log.getvalue()
