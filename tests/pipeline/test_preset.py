@@ -1,5 +1,5 @@
 """The typed preset: every nested key checked before any work, errors of one line naming the file and the
-key path; seeds, optimizer entries (aliases), the reserved ``attacks`` key; `--only` / `--seeds` checks."""
+key path; seeds, optimizer entries (aliases), the ``attacks`` key; `--only` / `--seeds` checks."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def test_valid_entries_aliases_and_pass_through_keys(tmp_path):
     entries = preset.unlearn.optimizers
     assert entries["sophia-auto"].optimizer == "sophia" and entries["sophia-auto"].options == {"rho": "auto"}
     assert entries["signum"].optimizer == "signum" and entries["lamb"].optimizer == "pytorch_optimizer:Lamb"
-    assert preset.attacks == {"relearn": {"steps": 5, "lr": 1.0e-5}}  # reserved for soul.attack: passed through
+    # soul.attack's configuration, checked and with its defaults (tests/pipeline/test_robustness.py)
+    assert preset.attacks["relearn"]["steps"] == 5 and preset.attacks["relearn"]["lr"] == 1.0e-5
     specs = unlearn_configs(preset)
     assert len(specs) == 2 * 5 * 2
     auto = [s for s in specs if s["optimizer"] == "sophia-auto"]

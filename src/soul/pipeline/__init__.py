@@ -6,7 +6,9 @@ optimizer × seed grid of `grid` plus one-shot influence, evaluation, and the re
 benchmark (TOFU, copyright, detox, WMDP) is one `tasks.Task` class. `sweep(preset, out_dir)` runs a grid of
 options per optimizer (× seeds) for one objective and reports the Pareto front and the best setting.
 
-Module graph (no cycles): common ← tasks ← grid/preset ← stages ← api ← this package.
+With ``attacks:`` in the preset, `reproduce` also attacks each unlearned model (`robustness`, `soul.attack`).
+
+Module graph (no cycles): common ← tasks ← grid/preset ← stages, robustness ← api ← this package.
 """
 
 from __future__ import annotations

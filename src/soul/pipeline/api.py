@@ -12,6 +12,7 @@ from typing import Any, TextIO
 from soul.pipeline.common import Progress, base_model, resolve_device
 from soul.pipeline.grid import select, sweep_grid, unlearn_configs
 from soul.pipeline.preset import Preset, load_preset
+from soul.pipeline.robustness import Robustness, describe
 from soul.pipeline.stages import evaluate_run, influence_run, reference_models, unlearning_run
 from soul.report import write_report
 from soul.report.results import run_label
@@ -67,6 +68,14 @@ def plan_sweep(preset: PresetLike, seeds: list[int] | None = None) -> tuple[Pres
     return preset, sweep_grid(preset)
 
 
+def _attack(robust: Robustness | None, model: Any, tokenizer: Any, run: dict[str, Any], progress: Progress,
+            where: str) -> None:
+    if robust is None or not robust.wants(run):
+        return
+    progress.say(f"{where}: attacking {run['name']}: {describe(robust.cfg)}")
+    robust.attack(model, tokenizer, run)
+
+
 def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bool = False,
               stream: TextIO | str | None = "stderr", only: list[str] | None = None,
               seeds: list[int] | None = None) -> dict[str, Any]:
@@ -74,16 +83,21 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
     structure (see `soul.report.results`). `only` restricts the grid to run names (``graddiff-sophia-s1``),
     groups (``graddiff-sophia``: every seed) or ``influence``; `seeds` replaces the preset's seeds.
     Everything is checked before any model is loaded. Unlearned models are discarded after evaluation
-    unless `keep_models` (saved under ``out_dir/runs/<name>/model``)."""
+    unless `keep_models` (saved under ``out_dir/runs/<name>/model``). With the preset's ``attacks:``, each
+    unlearned model of ``attacks.seeds`` (and influence) is attacked after its evaluation
+    (`soul.pipeline.robustness`; results under ``out_dir/attacks/``, robustness columns in the table)."""
     preset, specs, do_influence = plan_reproduce(preset, only, seeds)
     stream = _stream(stream)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(stream, 4, "reproduce")
+    robust = Robustness(preset, out, progress) if preset.attacks is not None else None
     with base_model(preset.model) as base:
         # 1. reference models (and their evaluations)
-        ctx = reference_models(preset, out, progress, base)
+        ctx = reference_models(preset, out, progress, base, **({"check_data": robust.check_data} if robust else {}))
         runs = ctx["runs"]
+        if robust is not None and robust.active:  # the references' side of every attack, once per grid
+            robust.compute_references(ctx)
         # 2 + 3. every unlearning run, evaluated as soon as it is trained (one model in memory at a time)
         n = len(specs) + int(do_influence)
         against = "the retain reference" if ctx["reference"] is not None else "the task's metrics"
@@ -95,6 +109,7 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
             progress.say(f"run {i}/{n}: {spec['name']} trained in {run['wall_time_s']:.1f} s; evaluating")
             run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
                                           out / "eval" / f"{spec['name']}.json")
+            _attack(robust, model, tokenizer, run, progress, f"run {i}/{n}")
             del model
             runs.append(run)
         if do_influence:
@@ -102,8 +117,11 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
             model, tokenizer, run = influence_run(ctx["target_path"], preset, ctx["data"])
             run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
                                           out / "eval" / "influence.json")
+            _attack(robust, model, tokenizer, run, progress, f"run {n}/{n}")
             del model
             runs.append(run)
+    if robust is not None:
+        robust.finish(runs)
     # 4. report
     progress.stage(4, f"writing the report to {out}")
     _with_examples(preset, runs)
@@ -122,6 +140,8 @@ def sweep(preset: PresetLike, out_dir: str | os.PathLike, *, stream: TextIO | st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(stream, 4, "sweep")
+    if preset.attacks is not None:
+        progress.say("attacks: run by `soul reproduce` only; a sweep does not attack its runs")
     points = []
     with base_model(preset.model) as base:
         ctx = reference_models(preset, out, progress, base)

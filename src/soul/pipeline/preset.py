@@ -20,7 +20,13 @@ Schema (top level; all optional except where a task needs them)::
     sweep: {objective: str, base: {<option>: value}, grid: {<optimizer entry or name>: {<option>: [values]}}}
     seed: int (0);  seeds: [int] ([seed])
     progress_bars: bool
-    attacks: {<attack name>: {...}}                (reserved for soul.attack; validated as a mapping only)
+    attacks:                                       (soul.attack, run by `soul reproduce` on every unlearned model)
+      relearn: {steps, lr, batch_size, seed, optimizer, heldout_fraction, questions_per_author, train_options}
+      quantize: {bits: [int], group_size, symmetric, include_embeddings}
+      paraphrase: {}                               (an attack mapped to null runs with its defaults)
+      generate: bool;  max_new_tokens: int;  max_questions: int
+      seeds: [int]                                 (whose unlearned models are attacked; default: every seed)
+      influence: bool                              (attack the one-shot influence model too; default true)
 
 Options are `soul.train.TrainConfig` fields, type-checked from its annotations (``lr: "fast"`` fails);
 each run's merged options then go through `soul.train.make_config`, and objective coefficients through
@@ -124,7 +130,9 @@ class Preset:
     seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
     progress_bars: bool = True
-    attacks: dict[str, Any] | None = None
+    attacks: dict[str, Any] | None = None  # `soul.attack.run.normalize_config`'s output (run_attacks' attacks_cfg)
+    attack_seeds: list[int] | None = None  # the seeds whose unlearned models are attacked (None: every seed)
+    attack_influence: bool = True  # attack the one-shot influence model too
 
     @property
     def task_impl(self) -> Task:
@@ -420,6 +428,45 @@ def _influence(c: _Checker, value: Any) -> dict[str, Any] | None:
     return cfg
 
 
+ATTACK_PIPELINE_KEYS = ("seeds", "influence")  # `attacks:` keys the pipeline reads (not soul.attack's)
+_ATTACK_MESSAGE = re.compile(r"^(attacks(?:\.\w+)*)(?::\s*|\s+)(.*)$", re.S)
+
+
+def _attacks(c: _Checker, value: Any, seeds: list[int], task: Task) -> tuple[dict[str, Any] | None, list[int] | None,
+                                                                            bool]:
+    """``(attacks config, attacked seeds, attack influence)``: every key and value of ``attacks:`` checked
+    (names and options here, values by `soul.attack.run.normalize_config`), errors as ``attacks.<key path>``."""
+    if value is None:
+        return None, None, True
+    from soul.attack.run import ATTACKS, COMMON_KEYS, DEFAULTS, normalize_config
+
+    spec = c.mapping(value, "attacks", allow_none=False)
+    c.keys(spec, (*ATTACKS, *COMMON_KEYS, *ATTACK_PIPELINE_KEYS), "attacks")
+    for name in ATTACKS:
+        options = spec.get(name)
+        if isinstance(options, dict):
+            c.keys(options, tuple(DEFAULTS[name]), f"attacks.{name}", "option")
+        elif options is not None and not isinstance(options, bool):
+            raise c.fail(f"attacks.{name}", f"expected a mapping of options, null (defaults) or false (off), "
+                                            f"got {options!r}")
+    attack_seeds = None
+    if spec.get("seeds") is not None:
+        attack_seeds = c.seeds(spec["seeds"], "attacks.seeds")
+        missing = [s for s in attack_seeds if s not in seeds]
+        if missing:
+            raise c.fail("attacks.seeds", f"seed(s) {missing} are not among the preset's seeds {seeds}")
+    influence = c.typed(spec.get("influence", True), "attacks.influence", bool)
+    try:
+        cfg = normalize_config({k: v for k, v in spec.items() if k not in ATTACK_PIPELINE_KEYS})
+    except ValueError as err:
+        m = _ATTACK_MESSAGE.match(str(err))
+        raise (c.fail(m.group(1), m.group(2)) if m else c.fail("attacks", str(err))) from None
+    if not task.supports_attacks:
+        raise c.fail("attacks", f"task {task.name!r} has no attacks: they score forget-set question-answer "
+                                "records against the target and retain models (task 'tofu'); remove `attacks:`")
+    return cfg, attack_seeds, influence
+
+
 def _build(raw: dict[str, Any], c: _Checker) -> Preset:
     c.keys(raw, TOP_KEYS, "")
     task = raw.get("task", "tofu")
@@ -438,11 +485,7 @@ def _build(raw: dict[str, Any], c: _Checker) -> Preset:
         c.typed(utility, "utility_splits", list)
         for i, u in enumerate(utility):
             c.typed(u, f"utility_splits[{i}]", str)
-    attacks = raw.get("attacks")
-    if attacks is not None:  # executed by soul.attack once wired; here only its shape is checked
-        attacks = c.mapping(attacks, "attacks")
-        for key, spec in attacks.items():
-            c.mapping(spec, f"attacks.{key}")
+    attacks, attack_seeds, attack_influence = _attacks(c, raw.get("attacks"), seeds, impl)
     unl = _unlearn(c, raw.get("unlearn"))
     preset = Preset(
         name=str(raw.get("name", "preset")), where=c.where, task=task,
@@ -454,7 +497,7 @@ def _build(raw: dict[str, Any], c: _Checker) -> Preset:
         target=_reference(c, raw.get("target"), "target"), retain=_reference(c, raw.get("retain"), "retain"),
         unlearn=unl, influence=_influence(c, raw.get("influence")), eval=ev, sweep=_sweep(c, raw.get("sweep"), unl),
         seed=seed, seeds=seeds, progress_bars=c.typed(raw.get("progress_bars", True), "progress_bars", bool),
-        attacks=attacks)
+        attacks=attacks, attack_seeds=attack_seeds, attack_influence=attack_influence)
     if utility is None and task == "tofu":
         preset.utility_splits = list(impl.default_utility_splits)
     impl.check(preset, c.fail)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +70,17 @@ def _cached_finetune(role: str, out: Path, key: str, base: str, split: str, ft_c
     return str(out), key, record.get("wall_time_s")
 
 
-def reference_models(preset: Preset, out: Path, progress: Progress, base: str) -> dict[str, Any]:
+def reference_models(preset: Preset, out: Path, progress: Progress, base: str,
+                     check_data: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Stage 1 and the reference half of stage 3: the data, the task's reference models and their (cached)
     evaluations. Returns ``{"data", "target_path", "reference" (the retain model's results or None),
-    "runs" (one record per reference model)}``."""
+    "runs" (one record per reference model)}``. `check_data` sees the data before any model is trained."""
     task = preset.task_impl
     roles = task.reference_roles
     progress.stage(1, f"{preset.task} data and reference models ({', '.join(roles)})")
     data = task.load_data(preset)
+    if check_data is not None:
+        check_data(data)
     needs_base = any(task.finetunes(r, preset) or not getattr(preset, r).model for r in roles)
     base_fp = model_fingerprint(base) if needs_base else ""
     models = {role: _reference_model(role, preset, base, base_fp, data, progress) for role in roles}

@@ -62,7 +62,7 @@ def _examples_html(runs: list[dict[str, Any]]) -> str:
 
 def render_html(*, title: str, rows: list[dict[str, Any]], runs: list[dict[str, Any]],
                 images: dict[str, bytes], marks: dict[str, str], notes: list[str],
-                sweep_html: str = "", verdicts: list[str] | None = None) -> str:
+                sweep_html: str = "", verdicts: list[str] | None = None, robustness_html: str = "") -> str:
     """The whole page as a string. `images` maps a caption to PNG bytes (embedded in order)."""
     figs = "".join(f"<h3>{escape(cap)}</h3><img alt=\"{escape(cap)}\" src=\"{data_uri(png)}\">"
                    for cap, png in images.items())
@@ -87,6 +87,7 @@ mean fraction of Sophia's clipped (sign-step) coordinates, ρ = the ρ used, mea
 update norm (mean, sum over steps), ‖θ_T−θ_0‖ = final displacement: an optimizer that simply moved further
 shows here. With several seeds each cell is mean ± std. ★ marks, per optimizer, the best forget quality among runs keeping
 model utility at or above the stated fraction of the target model's.</p>
+{robustness_html}
 {sweep_html}
 <h2>Figures</h2>
 {figs}

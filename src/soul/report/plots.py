@@ -124,7 +124,8 @@ def loss_curves(runs: Sequence[dict[str, Any]]) -> bytes | None:
 def metric_bars(rows: Sequence[dict[str, Any]]) -> bytes:
     """A grid of bar charts, one per table column, one bar per model (forget quality on a log axis), with
     ± std error bars for rows averaged over seeds."""
-    cols = [c for c in COLUMNS if any(r.get(c.key) is not None for r in rows)]
+    # Robustness recoveries have their own figure (`soul.attack.report.recovery_plot`).
+    cols = [c for c in COLUMNS if c.group != "robustness" and any(r.get(c.key) is not None for r in rows)]
     ncols = 4
     nrows = max(1, math.ceil(len(cols) / ncols))
     fig = Figure(figsize=(4.2 * ncols, 3.6 * nrows + 0.8))

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from soul.attack.report import GROUP as ROBUSTNESS
+from soul.attack.report import attack_columns as _attack_columns
+
 ROLES = ("target", "retain", "unlearned", "influence")
 ROLE_LABELS = {"target": "Original (target)", "retain": "Retain", "influence": "Influence (one-shot)"}
 
@@ -80,6 +83,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("displacement", "‖θ_T−θ_0‖", (), False, None, "diagnostics", diagnostic="displacement"),
     Column("wall_time_s", "Wall time", (), False, None, "all"),
 )
+# Robustness (preset ``attacks:``, `soul.attack.report`): recovery of the forget set under each attack, read
+# from a run's ``attacks`` (`row_values`); one pair of quantization columns per bit width the attack allows
+# (`soul.attack.quantization` MIN_BITS..MAX_BITS; a table shows only those with values).
+QUANT_BITS = tuple(range(8, 1, -1))
+ROBUSTNESS_COLUMNS: tuple[Column, ...] = _attack_columns(QUANT_BITS)
+COLUMNS = (*COLUMNS[:-1], *ROBUSTNESS_COLUMNS, COLUMNS[-1])
 METRIC_COLUMNS = tuple(c for c in COLUMNS if c.metrics)
 VALUE_COLUMNS = COLUMNS  # every column has a per-run value (`column_value`)
 
@@ -92,7 +101,8 @@ def visible_columns(rows: list[dict[str, Any]]) -> tuple[Column, ...]:
     groups = {c.group for c in METRIC_COLUMNS if any(r.get(c.key) is not None for r in rows)} or {"tofu"}
     if any(r.get(c.key) is not None for r in rows for c in COLUMNS if c.diagnostic):
         groups.add("diagnostics")
-    return tuple(c for c in COLUMNS if c.group == "all" or c.group in groups)
+    return tuple(c for c in COLUMNS if c.group == "all" or c.group in groups
+                 or (c.group == ROBUSTNESS and any(r.get(c.key) is not None for r in rows)))
 
 
 def optimizer_type(run: dict[str, Any]) -> str:
@@ -143,7 +153,10 @@ def agg(metrics: dict[str, Any], names: tuple[str, ...], field: str = "agg_value
 
 
 def column_value(run: dict[str, Any], col: Column) -> float | None:
-    """One run's value of column `col`: an eval metric or an optimizer diagnostic."""
+    """One run's value of column `col`: an eval metric, an optimizer diagnostic or a robustness figure."""
+    if col.group == ROBUSTNESS:
+        value = (run.get("attacks") or {}).get(col.key)
+        return None if value is None else float(value)
     if col.diagnostic:
         value = (run.get("diagnostics") or {}).get(col.diagnostic)
         return None if value is None else float(value)
@@ -248,7 +261,8 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def check_row_ranges(rows: list[dict[str, Any]]) -> list[str]:
     """Problems with the numbers of `rows`: non-finite values, bounded metrics outside [0, 1], negative
-    wall times. Empty when every number is sane (missing values are allowed: a preset may skip a metric)."""
+    wall times. Empty when every number is sane (missing values are allowed: a preset may skip a metric).
+    Robustness recoveries are signed and unbounded: only their finiteness is checked."""
     problems = []
     for row in rows:
         for col in COLUMNS:
@@ -259,7 +273,7 @@ def check_row_ranges(rows: list[dict[str, Any]]) -> list[str]:
                 problems.append(f"{row['label']}: {col.title} is {v}")
             elif col.bounded and not 0.0 <= v <= 1.0:
                 problems.append(f"{row['label']}: {col.title} = {v} is outside [0, 1]")
-            elif not col.bounded and v < 0:
+            elif not col.bounded and v < 0 and col.group != ROBUSTNESS:
                 problems.append(f"{row['label']}: {col.title} = {v} is negative")
     return problems
 

@@ -13,6 +13,11 @@ unlearned optimizer row of that objective is compared with it):
   why (one seed measures no spread);
 * **moved further**: when the other run's total update norm Σ‖Δθ_t‖ (mean over seeds) exceeds 1.5 × the
   baseline's, the sentence says so: a larger effective step, not the method, may explain a difference.
+
+Robustness (`robustness_verdicts`, rows with the attacks' recovery columns): the same baseline and interval
+rule on each attack's recovery of the forget probability (0 = the unlearned level, 1 = the target's): an
+interval entirely below the baseline's is **less recovered (more robust)**, entirely above **more
+recovered (less robust)**, otherwise (or with fewer than two seeds) **no difference measured**.
 """
 
 from __future__ import annotations
@@ -77,8 +82,8 @@ def _order(row: dict[str, Any]) -> str | None:
     return OPTIMIZER_ORDER.get(str(row.get("optimizer_type") or row.get("optimizer")))
 
 
-def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One `compare` per (objective, non-baseline optimizer) among the unlearned rows of the table."""
+def _pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(other row, its baseline row) per objective: the baseline is AdamW, else the first FO row."""
     out = []
     by_obj: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -88,7 +93,53 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fo = [r for r in obj_rows if _order(r) == "FO"]
         base = next((r for r in fo if (r.get("optimizer_type") or r.get("optimizer")) == "adamw"), None) or (
             fo[0] if fo else None)
-        if base is None:
-            continue
-        out += [compare(r, base) for r in obj_rows if r is not base]
+        if base is not None:
+            out += [(r, base) for r in obj_rows if r is not base]
     return out
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One `compare` per (objective, non-baseline optimizer) among the unlearned rows of the table."""
+    return [compare(other, base) for other, base in _pairs(rows)]
+
+
+LESS_RECOVERED, MORE_RECOVERED = "less recovered (more robust)", "more recovered (less robust)"
+RECOVERY_KEYS = {"relearn_recovery_prob": "relearning recovery",
+                 "paraphrase_recovery_prob": "paraphrase recovery"}  # and quant{b}_recovery_prob: "b-bit recovery"
+
+
+def _attack_name(key: str) -> str:
+    if key in RECOVERY_KEYS:
+        return RECOVERY_KEYS[key]
+    return f"{key.removeprefix('quant').removesuffix('_recovery_prob')}-bit recovery"
+
+
+def compare_recovery(other: dict[str, Any], base: dict[str, Any], key: str) -> dict[str, Any]:
+    """The robustness verdict of row `other` against baseline row `base` on recovery column `key`:
+    ``{"objective", "optimizer", "baseline", "attack", "verdict", "sentence"}``."""
+    iv_o, iv_b = _interval(other, key), _interval(base, key)
+    reason = ""
+    if iv_o is None or iv_b is None:
+        verdict = NO_DIFFERENCE
+        reason = " (fewer than two seeds: no spread measured)"
+    elif iv_o[1] < iv_b[0]:
+        verdict = LESS_RECOVERED
+    elif iv_o[0] > iv_b[1]:
+        verdict = MORE_RECOVERED
+    else:
+        verdict = NO_DIFFERENCE
+    obj = OBJECTIVE_NAMES.get(str(other.get("objective")), str(other.get("objective")))
+    name_o, name_b = (r.get("optimizer_label") or r["label"] for r in (other, base))
+    sentence = (f"{obj}: {_attack_name(key)} (prob.) of {name_o} {_fmt(other, key)} vs {name_b} {_fmt(base, key)} "
+                f"(n = {other.get('n', 1)} vs {base.get('n', 1)} seeds): {verdict}{reason}.")
+    return {"objective": other.get("objective"), "optimizer": other.get("optimizer"),
+            "baseline": base.get("optimizer"), "attack": key, "verdict": verdict, "sentence": sentence}
+
+
+def robustness_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One `compare_recovery` per (objective, non-baseline optimizer, attack) where both rows have the
+    attack's recovery of the forget probability (relearning, each quantization width, paraphrase)."""
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+            if k.endswith("_recovery_prob") and not k.endswith("_std")]
+    return [compare_recovery(other, base, key) for other, base in _pairs(rows) for key in keys
+            if other.get(key) is not None and base.get(key) is not None]

@@ -2,8 +2,8 @@
 
 Files (each written atomically): ``results.json`` (compact results: aggregate metrics, table rows, loss
 curves, example generations, sweep), ``table.md``, ``fq_vs_utility.png``, ``loss_curves.png`` (when runs
-carry training logs), ``metric_bars.png``, ``pareto.png`` (when the results hold a sweep) and
-``report.html`` embedding all of them.
+carry training logs), ``metric_bars.png``, ``pareto.png`` (when the results hold a sweep), ``recovery.png`` (when runs were
+attacked: preset ``attacks:``) and ``report.html`` embedding all of them.
 """
 
 from __future__ import annotations
@@ -15,11 +15,18 @@ from typing import Any, TextIO
 
 from soul.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from soul.report import plots
-from soul.report.html import render_html
+from soul.report.html import data_uri, render_html
 from soul.report.pareto import FQ, MU, best_at_utility, pareto_front
-from soul.report.results import METRIC_COLUMNS, check_row_ranges, optimizer_label, reduce_results, table_rows
+from soul.report.results import (
+    METRIC_COLUMNS,
+    ROBUSTNESS_COLUMNS,
+    check_row_ranges,
+    optimizer_label,
+    reduce_results,
+    table_rows,
+)
 from soul.report.table import markdown_table, text_table
-from soul.report.verdict import verdicts
+from soul.report.verdict import robustness_verdicts, verdicts
 
 BEST_MARK = "★"
 
@@ -143,6 +150,19 @@ def _sweep_html(sweep: dict[str, Any], summary: dict[str, Any]) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+def _robustness_html(png: bytes, sentences: list[str]) -> str:
+    items = "".join(f"<li>{escape(s)}</li>" for s in sentences)
+    return ("<h2>Robustness</h2><p>Each unlearned model attacked (preset <code>attacks:</code>): relearning = a "
+            "few fine-tuning steps on some forget authors, then the held-out authors scored; b-bit = weights "
+            "rounded to b bits; paraphrase = the forget questions reworded. Recovery = (after − unlearned) / "
+            "(target − unlearned) of the forget probability: 0 = the attack brought nothing back, 1 = back at "
+            "the target's level; the dashed line is the retain model's relearning from scratch. Lower is more "
+            "robust. Verdicts use the same rule as above: a difference only when the mean ± std intervals over "
+            "seeds separate.</p>"
+            f'<img alt="Recovery per objective and optimizer" src="{data_uri(png)}">'
+            + (f"<ul>{items}</ul>" if items else ""))
+
+
 def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: float = 0.95,
                  title: str = "soul: first-order vs second-order unlearning", n_examples: int = 3,
                  stream: TextIO | str | None = "stdout") -> dict[str, Path]:
@@ -184,6 +204,15 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
         files["pareto.png"] = write_bytes_atomic(out / "pareto.png", png)
         sweep_html = _sweep_html(sweep, summary)
 
+    robustness_html = ""
+    if any(r.get(c.key) is not None for r in rows for c in ROBUSTNESS_COLUMNS if c.key.endswith("_prob")):
+        from soul.attack.report import recovery_plot
+
+        png = recovery_plot(rows, "prob")
+        files["recovery.png"] = write_bytes_atomic(out / "recovery.png", png)
+        compact["robustness_verdicts"] = robustness_verdicts(rows)
+        robustness_html = _robustness_html(png, [v["sentence"] for v in compact["robustness_verdicts"]])
+
     compact["best_at_utility"] = {"fraction": fraction, "runs": sorted(marks)}
     compact["verdicts"] = verdicts(rows)
     sentences = [v["sentence"] for v in compact["verdicts"]]
@@ -196,17 +225,19 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
         md += f"\n{BEST_MARK} per optimizer: best forget quality at model utility ≥ {fraction:.0%} of the target's.\n"
     if sentences:
         md += "\n## Verdict\n\n" + "".join(f"- {s}\n" for s in sentences)
+    if compact.get("robustness_verdicts"):
+        md += "\n## Robustness\n\n" + "".join(f"- {v['sentence']}\n" for v in compact["robustness_verdicts"])
     files["table.md"] = write_text_atomic(out / "table.md", md)
     notes = [f"{k}: {v}" for k, v in (compact.get("meta") or {}).items() if isinstance(v, str | int | float)]
     notes += [f"WARNING: {p}" for p in problems]
     if sweep_html:
         notes += [f"WARNING: {w}" for w in compact["sweep"]["edge_warnings"]]
     html = render_html(title=title, rows=rows, runs=compact["runs"], images=images, marks=marks, notes=notes,
-                       sweep_html=sweep_html, verdicts=sentences)
+                       sweep_html=sweep_html, verdicts=sentences, robustness_html=robustness_html)
     files["report.html"] = write_text_atomic(out / "report.html", html)
     if stream is not None:
         print(text_table(rows, marks), file=stream)
-        for sentence in sentences:
+        for sentence in sentences + [v["sentence"] for v in compact.get("robustness_verdicts", [])]:
             print(sentence, file=stream)
         for p in problems:
             print(f"WARNING: {p}", file=stream)

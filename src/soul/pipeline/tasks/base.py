@@ -28,6 +28,7 @@ class Task:
     reference_roles: ClassVar[tuple[str, ...]] = ("target",)  # reference models, in fine-tuning order
     supports_sweep: ClassVar[bool] = False  # `soul sweep` needs forget quality and model utility
     report_group: ClassVar[str] = ""  # the `soul.report.results.Column.group` of this task's metrics
+    supports_attacks: ClassVar[bool] = False  # preset ``attacks:`` (soul.attack: forget QA vs target/retain)
 
     # --- preset
     def check(self, preset: Preset, fail: Fail) -> None:
@@ -51,6 +52,10 @@ class Task:
     def reference_split(self, role: str, preset: Preset) -> str:
         """The split reference model `role` is fine-tuned on."""
         return "full" if role == "target" else self.splits(preset)[1]
+
+    def attack_records(self, preset: Preset, data: dict[str, Any]) -> list[dict]:
+        """The forget records the attacks of `soul.attack` score (tasks with `supports_attacks`)."""
+        raise NotImplementedError(f"task {self.name!r} has no attacks")
 
     # --- evaluation
     def evaluate(self, model: Any, tokenizer: Any, preset: Preset, data: dict[str, Any],

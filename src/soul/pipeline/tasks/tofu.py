@@ -30,6 +30,7 @@ class TofuTask(Task):
     eval_keys = ("batch_size", "generation_batch_size", "max_new_tokens", "min_k", "prompt_format")
     reference_roles = ("target", "retain")
     supports_sweep = True
+    supports_attacks = True
     report_group = "tofu"
     default_utility_splits: ClassVar[tuple[str, ...]] = DEFAULT_UTILITY_SPLITS
 
@@ -77,6 +78,21 @@ class TofuTask(Task):
             splits[name] = self.cap(splits[name], preset)
         splits["_forget_eval"] = self.cap(splits[forget], preset)
         return splits
+
+    def attack_records(self, preset: Preset, data: dict[str, Any]) -> list[dict]:
+        """The forget split, from its ``_perturbed`` version when the source has one with the same questions
+        (TOFU's plain splits lack the paraphrases and perturbed answers the probe and the truth ratio need)."""
+        from soul.data import load_split
+
+        forget = data[preset.forget_split]
+        if all(r.get("paraphrased_question") and r.get("perturbed_answer") for r in forget):
+            return forget
+        try:
+            perturbed = load_split(self.source(preset), f"{preset.forget_split}_perturbed")
+        except (FileNotFoundError, ValueError):  # no such split (a directory, or a hub dataset without it)
+            return forget
+        same = [r["question"] for r in perturbed] == [r["question"] for r in forget]
+        return perturbed if same else forget
 
     def eval_splits(self, preset: Preset, data: dict[str, Any]) -> tuple[dict[str, list[dict]], list[dict]]:
         splits = {preset.forget_split: data["_forget_eval"]}
