@@ -141,12 +141,29 @@ class TofuTask(Task):
                                         f"split(s) {missing} (its files: {sorted(built)})")
             splits: dict[str, Any] = {name: built[name] for name in sorted(names)}
         else:
+            built = {}
             source = self.source(preset)
             splits = {name: load_split(source, name) for name in sorted(names)}
         for name in (holdout, *preset.utility_splits):
             splits[name] = self.cap(splits[name], preset)
-        splits["_forget_eval"] = self.cap(splits[forget], preset)
+        splits["_forget_eval"] = self.cap(self.forget_eval(preset, splits[forget], built), preset)
         return splits
+
+    def forget_eval(self, preset: Preset, forget: list[dict], built: dict[str, Any]) -> list[dict]:
+        """The forget split as evaluated: TOFU's published ``forgetXX`` has no paraphrases or perturbations
+        (truth ratio needs them); its ``forgetXX_perturbed`` (same questions) has. The bundled benchmark's
+        forget split carries them itself."""
+        if all(r.get("paraphrased_answer") for r in forget):
+            return forget
+        name = f"{preset.forget_split}_perturbed"
+        if name in built:
+            return built[name]
+        from soul.data import load_split
+
+        try:
+            return load_split(self.source(preset), name)
+        except FileNotFoundError:
+            return forget  # the evaluation names what is missing
 
     def eval_splits(self, preset: Preset, data: dict[str, Any]) -> tuple[dict[str, list[dict]], list[dict]]:
         splits = {preset.forget_split: data["_forget_eval"]}
