@@ -123,9 +123,9 @@ def test_tofu_subset_expands_the_source_variable(real_tofu_dir, monkeypatch):
 
 
 def test_the_tofu_cpu_preset_subset_builds_on_the_real_files(real_tofu_dir, monkeypatch):
-    from soul.pipeline import load_preset
+    from soul.pipeline import read_preset
 
-    preset = load_preset("tofu-cpu")
+    preset = read_preset("tofu-cpu")  # the raw mapping (the pipeline's own use: tests/pipeline/test_tofu_subset.py)
     monkeypatch.setenv("SOUL_TOFU_DIR", str(real_tofu_dir))
     data = preset["data"]
     splits = tofu_subset(data["source"], preset["forget_split"], **data["subset"])

@@ -103,18 +103,34 @@ def unlearning_run(spec: dict[str, Any], target_path: str, preset: Preset, data:
                    keep_model: bool) -> tuple[Any, Any, dict[str, Any]]:
     """Unlearn with one spec of `soul.pipeline.grid`; returns (model, tokenizer, run record). The per-step log
     is collected through the loop's step callback and written to ``run_dir/train_log.jsonl``; the record's
-    ``diagnostics`` come from the loop's own summary when it has one, else from that log."""
+    ``diagnostics`` come from the loop's own summary when it has one, else from that log.
+
+    ``report_to`` (trackers, `soul.train.trackers`) is handled here rather than by the loop, which needs an
+    output directory the run usually has not (models are discarded): each run logs its step lines into its
+    own ``run_dir/trackers``, under the run's name, so runs never share a tracker directory."""
     from soul.train import unlearn
+    from soul.train.trackers import TrackerLog, check_report_to
 
     forget, retain = preset.task_impl.splits(preset)
+    config = dict(spec["config"])
+    trackers = TrackerLog(check_report_to(config.pop("report_to", None)), run_dir / "trackers",
+                          run_name=spec["name"], config=spec["config"])
     model, tokenizer = load(target_path, preset)
     log: list[dict] = []
+
+    def on_step_end(step: int, rec: dict) -> None:
+        log.append(dict(rec))
+        trackers.log(rec)
+
     t0 = time.perf_counter()
-    model, record = unlearn(model, tokenizer, data={forget: data[forget], retain: data[retain]},
-                            forget_split=forget, retain_split=retain, objective=spec["objective"],
-                            optimizer=spec["optimizer_type"], out_dir=run_dir / "model" if keep_model else None,
-                            overwrite=True, on_step_end=lambda step, rec: log.append(dict(rec)),
-                            progress=preset.progress_bars, **spec["config"])
+    try:
+        model, record = unlearn(model, tokenizer, data={forget: data[forget], retain: data[retain]},
+                                forget_split=forget, retain_split=retain, objective=spec["objective"],
+                                optimizer=spec["optimizer_type"], out_dir=run_dir / "model" if keep_model else None,
+                                overwrite=True, on_step_end=on_step_end,
+                                progress=preset.progress_bars, **config)
+    finally:
+        trackers.finish()
     wall = time.perf_counter() - t0
     write_text_atomic(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
     run = {"name": spec["name"], "group": spec["group"], "seed": spec["seed"], "role": "unlearned",
@@ -122,6 +138,8 @@ def unlearning_run(spec: dict[str, Any], target_path: str, preset: Preset, data:
            "wall_time_s": wall, "steps": record.get("steps"), "config": spec["config"],
            "diagnostics": run_diagnostics(record.get("diagnostics"), log, spec["config"]),
            "log": str(run_dir / "train_log.jsonl")}
+    if trackers.names:
+        run["trackers"] = str(run_dir / "trackers")
     return model, tokenizer, run
 
 

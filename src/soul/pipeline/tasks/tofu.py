@@ -1,9 +1,15 @@
 """TOFU (and the bundled fictitious-author benchmark): forget quality against a retain model, model utility,
-MIA. The target is fine-tuned on ``full`` and the retain model on the retain split, unless named."""
+MIA. The target is fine-tuned on ``full`` and the retain model on the retain split, unless named.
+
+With ``data.subset: {n_retain_authors: N, n_holdout_authors: M}`` the splits come from
+`soul.data.tofu_subset` (a CPU-sized TOFU: the forget authors plus N retain authors; ``full`` is what the
+target is fine-tuned on, the retain split the retain model's training set, ``holdoutXX`` M never-trained
+authors as the MIA non-members). ``data.source`` is expanded (``${SOUL_TOFU_DIR:-../shared/data/tofu}``)."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from soul.pipeline.common import hash_records, sha
@@ -13,6 +19,9 @@ if TYPE_CHECKING:
     from soul.pipeline.preset import Preset
 
 DEFAULT_UTILITY_SPLITS = ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed")
+# data.subset keys: the keyword arguments of soul.data.tofu_subset -> (type, may be null, minimum)
+SUBSET_KEYS: dict[str, tuple[type, bool, int]] = {"n_retain_authors": (int, False, 1),
+                                                  "n_holdout_authors": (int, True, 0)}
 
 
 def derived_split(forget_split: str, kind: str) -> str:
@@ -26,7 +35,7 @@ def derived_split(forget_split: str, kind: str) -> str:
 
 class TofuTask(Task):
     name = "tofu"
-    data_keys = ("source", "bundled")
+    data_keys = ("source", "bundled", "subset")
     eval_keys = ("batch_size", "generation_batch_size", "max_new_tokens", "min_k", "prompt_format")
     reference_roles = ("target", "retain")
     supports_sweep = True
@@ -44,6 +53,41 @@ class TofuTask(Task):
                     derived_split(preset.forget_split, kind)
                 except ValueError as err:
                     raise fail("forget_split", str(err)) from None
+        if preset.data.get("subset") is not None:
+            self.check_subset(preset, fail)
+
+    def check_subset(self, preset: Preset, fail: Fail) -> None:
+        """``data.subset``: `tofu_subset`'s options, and splits it builds (it names them after TOFU's)."""
+        subset = preset.data["subset"]
+        if not isinstance(subset, dict):
+            raise fail("data.subset", f"expected a mapping of soul.data.tofu_subset options "
+                                      f"({', '.join(SUBSET_KEYS)}), got {subset!r}")
+        for key, value in subset.items():
+            if key not in SUBSET_KEYS:
+                raise fail(f"data.subset.{key}", f"unknown key; known: {sorted(SUBSET_KEYS)}")
+            kind, nullable, minimum = SUBSET_KEYS[key]
+            if value is None and nullable:
+                continue
+            if not isinstance(value, kind) or isinstance(value, bool) or value < minimum:
+                raise fail(f"data.subset.{key}", f"must be an integer >= {minimum}, got {value!r}")
+        if "n_retain_authors" not in subset:
+            raise fail("data.subset", "needs n_retain_authors (how many retain authors to fine-tune on)")
+        if str(preset.data.get("source", "bundled")) == "bundled":
+            raise fail("data.subset", "needs data.source: a directory of TOFU's files "
+                                      "(e.g. ${SOUL_TOFU_DIR:-../shared/data/tofu})")
+        try:
+            derived_split(preset.forget_split, "retain")
+        except ValueError as err:
+            raise fail("forget_split", f"data.subset needs TOFU's forgetXX split: {err}") from None
+        for kind in ("retain", "holdout"):
+            given = getattr(preset, f"{kind}_split")
+            built = derived_split(preset.forget_split, kind)
+            if given is not None and given != built:
+                raise fail(f"{kind}_split", f"data.subset builds the {kind} split {built!r} for "
+                                            f"{preset.forget_split}; got {given!r} (leave it out or set {built!r})")
+        unknown = [u for u in preset.utility_splits if u not in DEFAULT_UTILITY_SPLITS]
+        if unknown:
+            raise fail("utility_splits", f"data.subset provides {list(DEFAULT_UTILITY_SPLITS)}; got {unknown}")
 
     def splits(self, preset: Preset) -> tuple[str, str]:
         return preset.forget_split, preset.retain_split or derived_split(preset.forget_split, "retain")
@@ -52,12 +96,29 @@ class TofuTask(Task):
         return preset.holdout_split or derived_split(preset.forget_split, "holdout")
 
     def source(self, preset: Preset) -> str:
+        """The data source: ``bundled`` (or a generated bundled directory), a hub id, or a directory with
+        ``${VAR:-default}`` and ``~`` expanded."""
+        from soul.data import expand_source
+
         source = str(preset.data.get("source", "bundled"))
         if source == "bundled" and preset.data.get("bundled"):
             from soul.data import bundled_dir
 
             return str(bundled_dir(**preset.data["bundled"]))
-        return source
+        return expand_source(source)
+
+    def data_dir(self, preset: Preset) -> str:
+        """`source` for a preset whose data must be a local directory of TOFU's files (``data.subset``):
+        a clear error naming the path (and SOUL_TOFU_DIR) when it is absent."""
+        raw = str(preset.data.get("source"))
+        path = self.source(preset)
+        if not (Path(path) / "full.json").is_file():
+            state = "has no full.json" if Path(path).is_dir() else "does not exist"
+            raise FileNotFoundError(
+                f"preset {preset.where}: data.source {raw!r} -> {Path(path).resolve()} {state}; TOFU's published "
+                "JSON files (full.json, forget01.json, ...) are needed there: set SOUL_TOFU_DIR to the directory "
+                "holding them, or run from the repository root so that ../shared/data/tofu is found")
+        return path
 
     def finetunes(self, role: str, preset: Preset) -> bool:
         return not getattr(preset, role).model  # TOFU always has both reference models
@@ -67,16 +128,26 @@ class TofuTask(Task):
 
     def load_data(self, preset: Preset) -> dict[str, Any]:
         """Every split the pipeline needs, by name, evaluation sets capped at ``max_questions`` (first N)."""
-        from soul.data import load_split
+        from soul.data import load_split, tofu_subset
 
-        source = self.source(preset)
         forget, retain = self.splits(preset)
         holdout = self.holdout(preset)
         names = {"full", forget, retain, holdout, *preset.utility_splits}
-        splits: dict[str, Any] = {name: load_split(source, name) for name in sorted(names)}
+        subset = preset.data.get("subset")
+        if subset is not None:  # forget authors + N retain authors, M holdout authors (tofu_subset's docstring)
+            built = tofu_subset(self.data_dir(preset), forget, **subset)
+            missing = sorted(names - set(built))
+            if missing:
+                raise FileNotFoundError(f"preset {preset.where}: data.subset of {self.source(preset)} has no "
+                                        f"split(s) {missing} (its files: {sorted(built)})")
+            splits: dict[str, Any] = {name: built[name] for name in sorted(names)}
+        else:
+            built = {}
+            source = self.source(preset)
+            splits = {name: load_split(source, name) for name in sorted(names)}
         for name in (holdout, *preset.utility_splits):
             splits[name] = self.cap(splits[name], preset)
-        splits["_forget_eval"] = self.cap(splits[forget], preset)
+        splits["_forget_eval"] = self.cap(self.forget_eval(preset, splits[forget], built), preset)
         return splits
 
     def attack_records(self, preset: Preset, data: dict[str, Any]) -> list[dict]:
@@ -93,6 +164,22 @@ class TofuTask(Task):
             return forget
         same = [r["question"] for r in perturbed] == [r["question"] for r in forget]
         return perturbed if same else forget
+
+    def forget_eval(self, preset: Preset, forget: list[dict], built: dict[str, Any]) -> list[dict]:
+        """The forget split as evaluated: TOFU's published ``forgetXX`` has no paraphrases or perturbations
+        (truth ratio needs them); its ``forgetXX_perturbed`` (same questions) has. The bundled benchmark's
+        forget split carries them itself."""
+        if all(r.get("paraphrased_answer") for r in forget):
+            return forget
+        name = f"{preset.forget_split}_perturbed"
+        if name in built:
+            return built[name]
+        from soul.data import load_split
+
+        try:
+            return load_split(self.source(preset), name)
+        except FileNotFoundError:
+            return forget  # the evaluation names what is missing
 
     def eval_splits(self, preset: Preset, data: dict[str, Any]) -> tuple[dict[str, list[dict]], list[dict]]:
         splits = {preset.forget_split: data["_forget_eval"]}
