@@ -222,3 +222,18 @@ def test_keep_best_saves_the_best_probed_weights(toy_target, tmp_path):
     assert record["final_probe"]["retain_prob"] < record["initial_probe"]["retain_prob"]
     before, after = weights(toy_target), weights(tmp_path / "best")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_runs_with_different_mixed_precision_share_one_process(toy_target):
+    """A pipeline fine-tunes in fp32 and then unlearns in bf16 in the same process; accelerate keeps one
+    process-wide state and would refuse the second run's settings without the loop releasing it. The bf16
+    run really trains under autocast: its weights differ from the fp32 run's."""
+    kwargs = dict(data=DATA, forget_split="forget10", objective="ga", optimizer="sgd", lr=0.1, max_steps=2,
+                  batch_size=2, max_grad_norm=0, **QUIET)
+    fp32, _ = unlearn(str(toy_target), mixed_precision="no", **kwargs)
+    bf16, record = unlearn(str(toy_target), mixed_precision="bf16", **kwargs)
+    assert record["mixed_precision"] == "bf16"
+    again, _ = unlearn(str(toy_target), mixed_precision="no", **kwargs)
+    a, b, c = fp32.state_dict(), bf16.state_dict(), again.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], c[k]) for k in a)

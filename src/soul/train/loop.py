@@ -261,6 +261,16 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------- loop
+def _release_accelerator_state(wanted: str) -> None:
+    """Let a run in a process that already trained with another mixed precision start (a pipeline fine-tunes
+    in fp32, then unlearns in bf16): accelerate keeps one process-wide `AcceleratorState` and refuses a second
+    `Accelerator` with other settings. Only that state is reset; the process group (`PartialState`) stays."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") not in (None, wanted):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def run_training(model: torch.nn.Module, tokenizer, *, cfg: TrainConfig, overwrite: bool = False,
                  **kwargs: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """`_run_training` inside the output guard (`soul.train.output.guarded_run_output`): an unsafe ``out_dir``
@@ -316,6 +326,7 @@ def _run_training(
 
     # cpu=True on a machine without an accelerator makes `torchrun`/`accelerate launch` on CPU run multi-process
     # (gloo); without it accelerate ignores the launcher's WORLD_SIZE there and every process trains alone.
+    _release_accelerator_state(mixed_precision(cfg))
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), gradient_accumulation_steps=1,
                               cpu=not has_accelerator())
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
