@@ -121,19 +121,6 @@ def test_read_preset_is_raw_and_editable():
 
 
 # ----------------------------------------------------------------------------------------------- the CLI
-@pytest.fixture
-def no_models(monkeypatch):
-    """Fail the test if anything builds, loads or fine-tunes a model."""
-    import soul.pipeline.api as api
-    import soul.pipeline.stages as stages
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a model was loaded before the preset was checked")
-
-    monkeypatch.setattr(api, "base_model", boom)
-    monkeypatch.setattr(stages, "load", boom)
-
-
 @pytest.mark.parametrize(("key", "value", "where"), [
     ("unlearn.objectives.npoo", {}, "unlearn.objectives.npoo"),
     ("unlearn.optimizers.sophia.estimatr", "gnb", "unlearn.optimizers.sophia.estimatr"),

@@ -77,19 +77,6 @@ def test_tasks_without_attacks_refuse_them_at_load_time():
         load_preset(raw)
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Fail the test if anything builds, loads or fine-tunes a model."""
-    import soul.pipeline.api as api
-    import soul.pipeline.stages as stages
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a model was loaded before the preset was checked")
-
-    monkeypatch.setattr(api, "base_model", boom)
-    monkeypatch.setattr(stages, "load", boom)
-
-
 @pytest.mark.parametrize("attacks", [{"relearn": {"stepz": 5}}, {"quantize": {"bits": [1]}}])
 def test_cli_reproduce_rejects_bad_attacks_before_any_model(tmp_path, capsys, no_models, attacks):
     from soul.cli import main

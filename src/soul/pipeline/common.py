@@ -32,33 +32,16 @@ def hash_records(records: list[dict]) -> str:
     return sha(records)
 
 
-_FULL_HASH_LIMIT = 1 << 30  # files up to 1 GiB are hashed whole; bigger ones by size + head + tail
-
-
 def model_fingerprint(name_or_path: str | os.PathLike) -> str:
-    """A content hash of a local model directory (every file's name and bytes; files over 1 GiB by size and
-    their first and last 16 MiB), or ``hub:<id>`` for a hub id (which the hub versions itself)."""
+    """A content hash of a local model directory (`soul.safety.fingerprint_files`: every file's name and
+    bytes, bookkeeping left out), or ``hub:<id>`` for a hub id (which the hub versions itself)."""
     from soul.models import resolve_model_path
+    from soul.safety import fingerprint_files
 
     resolved = Path(resolve_model_path(name_or_path))
     if not resolved.is_dir():
         return f"hub:{name_or_path}"
-    h = hashlib.sha256()
-    for f in sorted(p for p in resolved.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        rel = f.relative_to(resolved).as_posix()
-        if rel in ("run.json", "train_log.jsonl") or rel.startswith("checkpoints/"):
-            continue  # bookkeeping, not weights: a cached model hashes the same as its plain copy
-        size = f.stat().st_size
-        h.update(f"{rel}\0{size}\0".encode())
-        with f.open("rb") as fh:
-            if size <= _FULL_HASH_LIMIT:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-            else:
-                h.update(fh.read(1 << 24))
-                fh.seek(size - (1 << 24))
-                h.update(fh.read())
-    return h.hexdigest()
+    return fingerprint_files(resolved)
 
 
 class Progress:

@@ -20,9 +20,8 @@ from soul.safety import (
     check_output_dir,
     clean_leftovers,
     dir_lock,
-    fsync_path,
+    mark_output,
     pid_alive,
-    public_dir_mode,
 )
 
 
@@ -73,13 +72,7 @@ def guarded_run_output(out_dir: str | os.PathLike, *, resume: bool, overwrite: b
             for tmp in checkpoints.glob(".tmp-*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        if created:
-            public_dir_mode(out)
-        marker = out / OUTPUT_MARKER
-        if not marker.exists():
-            marker.write_text(f"soul run output; pid {os.getpid()}\n")
-            fsync_path(out)
+        mark_output(out, "soul run output", sync=True)
         try:
             yield out
         except BaseException:

@@ -151,35 +151,27 @@ class TofuTask(Task):
         return splits
 
     def attack_records(self, preset: Preset, data: dict[str, Any]) -> list[dict]:
-        """The forget split, from its ``_perturbed`` version when the source has one with the same questions
-        (TOFU's plain splits lack the paraphrases and perturbed answers the probe and the truth ratio need)."""
-        from soul.data import load_split
-
-        forget = data[preset.forget_split]
-        if all(r.get("paraphrased_question") and r.get("perturbed_answer") for r in forget):
-            return forget
-        try:
-            perturbed = load_split(self.source(preset), f"{preset.forget_split}_perturbed")
-        except (FileNotFoundError, ValueError):  # no such split (a directory, or a hub dataset without it)
-            return forget
-        same = [r["question"] for r in perturbed] == [r["question"] for r in forget]
-        return perturbed if same else forget
+        """The forget records the attacks score (`forget_eval`: they need the paraphrases too)."""
+        return self.forget_eval(preset, data[preset.forget_split], data)
 
     def forget_eval(self, preset: Preset, forget: list[dict], built: dict[str, Any]) -> list[dict]:
         """The forget split as evaluated: TOFU's published ``forgetXX`` has no paraphrases or perturbations
-        (truth ratio needs them); its ``forgetXX_perturbed`` (same questions) has. The bundled benchmark's
-        forget split carries them itself."""
-        if all(r.get("paraphrased_answer") for r in forget):
+        (the truth ratio and the paraphrase probe need them); its ``forgetXX_perturbed`` has, for the same
+        questions. The bundled benchmark's forget split carries them itself."""
+        if all(r.get("paraphrased_question") and r.get("paraphrased_answer") and r.get("perturbed_answer")
+               for r in forget):
             return forget
         name = f"{preset.forget_split}_perturbed"
-        if name in built:
-            return built[name]
-        from soul.data import load_split
+        perturbed = built.get(name)
+        if perturbed is None:
+            from soul.data import load_split
 
-        try:
-            return load_split(self.source(preset), name)
-        except FileNotFoundError:
-            return forget  # the evaluation names what is missing
+            try:
+                perturbed = load_split(self.source(preset), name)
+            except (FileNotFoundError, ValueError):  # no such split: the evaluation names what is missing
+                return forget
+        same = [r["question"] for r in perturbed] == [r["question"] for r in forget]
+        return perturbed if same else forget
 
     def eval_splits(self, preset: Preset, data: dict[str, Any]) -> tuple[dict[str, list[dict]], list[dict]]:
         splits = {preset.forget_split: data["_forget_eval"]}
