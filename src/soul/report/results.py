@@ -248,13 +248,14 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The table: `aggregate` flattened, one row per setting with ``<column key>`` = the mean over seeds
-    and ``<column key>_std`` its standard deviation (None for one seed)."""
+    """The table: `aggregate` flattened, one row per setting with ``<column key>`` = the mean over seeds,
+    ``<column key>_std`` its standard deviation (None for one seed) and ``<column key>_n`` the number of
+    seeds that have a value (attacks may cover fewer seeds than the runs)."""
     rows = []
     for entry in aggregate(results):
         row = {k: v for k, v in entry.items() if k != "values"}
         for key, stats in entry["values"].items():
-            row[key], row[f"{key}_std"] = stats["mean"], stats["std"]
+            row[key], row[f"{key}_std"], row[f"{key}_n"] = stats["mean"], stats["std"], stats["n"]
         rows.append(row)
     return rows
 

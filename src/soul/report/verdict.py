@@ -131,7 +131,8 @@ def compare_recovery(other: dict[str, Any], base: dict[str, Any], key: str) -> d
     obj = OBJECTIVE_NAMES.get(str(other.get("objective")), str(other.get("objective")))
     name_o, name_b = (r.get("optimizer_label") or r["label"] for r in (other, base))
     sentence = (f"{obj}: {_attack_name(key)} (prob.) of {name_o} {_fmt(other, key)} vs {name_b} {_fmt(base, key)} "
-                f"(n = {other.get('n', 1)} vs {base.get('n', 1)} seeds): {verdict}{reason}.")
+                f"(n = {other.get(f'{key}_n', other.get('n', 1))} vs {base.get(f'{key}_n', base.get('n', 1))} seeds): "
+                f"{verdict}{reason}.")
     return {"objective": other.get("objective"), "optimizer": other.get("optimizer"),
             "baseline": base.get("optimizer"), "attack": key, "verdict": verdict, "sentence": sentence}
 
