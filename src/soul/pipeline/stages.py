@@ -161,9 +161,15 @@ def influence_run(target_path: str, preset: Preset, data: dict[str, Any]) -> tup
         out = out[:limit] if limit else out
         return [{k: v.to(model.device) if hasattr(v, "to") else v for k, v in b.items()} for b in out]
 
+    import torch
+
+    # The GNB label draws get their own generator: without it they would depend on whatever ran before in
+    # the process (a fresh run fine-tunes first), and the one-shot step is sensitive to the draw.
+    generator = torch.Generator(device=model.device).manual_seed(preset.seed)
     t0 = time.perf_counter()
     model.train()
-    model, stats = influence_unlearn(model, batches(data[forget], None), batches(data[retain], max_batches), **cfg)
+    model, stats = influence_unlearn(model, batches(data[forget], None), batches(data[retain], max_batches),
+                                     generator=generator, **cfg)
     model.eval()
     run = {"name": "influence", "role": "influence", "wall_time_s": time.perf_counter() - t0,
            "config": dict(preset.influence or {}), "stats": stats}
