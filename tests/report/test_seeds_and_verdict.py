@@ -192,3 +192,24 @@ def test_sweep_report_shows_best_lr_and_warning(tmp_path):
     html = files["report.html"].read_text()
     assert "Each optimizer at its best setting" in html and "best lr 0.0001" in html
     assert "WARNING" in html and "largest of the grid" in html
+
+
+def test_a_sweep_report_has_no_per_setting_verdicts(tmp_path):
+    """Sweep rows are lr settings of one objective; comparing each with the first AdamW setting is meaningless."""
+    from soul.report import write_report
+
+    runs, points = [], []
+    for opt, lr, fq in (("adamw", 1e-5, 0.01), ("adamw", 1e-4, 0.4), ("sophia", 1e-4, 0.8)):
+        for seed in (0, 1):
+            name = f"sweep-graddiff-{opt}-lr{lr}-s{seed}"
+            runs.append({"name": name, "group": name[:-3], "seed": seed, "role": "unlearned",
+                         "objective": "graddiff", "optimizer": opt, "optimizer_type": opt, "label": f"{opt} lr={lr}",
+                         "metrics": {"forget_quality": {"agg_value": fq + 0.01 * seed},
+                                     "model_utility": {"agg_value": 0.47}}})
+            points.append({"name": name, "optimizer": opt, "lr": lr, "seed": seed,
+                           "forget_quality": fq + 0.01 * seed, "model_utility": 0.47})
+    results = {"meta": {"command": "sweep"}, "runs": runs, "sweep": {"objective": "GradDiff", "points": points}}
+    write_report(results, tmp_path, stream=None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["verdicts"] == []
+    assert "## Verdict" not in (tmp_path / "table.md").read_text()

@@ -214,7 +214,9 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
         robustness_html = _robustness_html(png, [v["sentence"] for v in compact["robustness_verdicts"]])
 
     compact["best_at_utility"] = {"fraction": fraction, "runs": sorted(marks)}
-    compact["verdicts"] = verdicts(rows)
+    # A sweep's rows are settings of one objective (lr × …), not the optimizers of a comparison: its verdict is
+    # the best setting per optimizer (sweep summary), not each setting against the first AdamW one.
+    compact["verdicts"] = [] if "sweep" in results else verdicts(rows)
     sentences = [v["sentence"] for v in compact["verdicts"]]
     compact["problems"] = problems
     files["results.json"] = write_json_atomic(out / "results.json", compact)
