@@ -25,7 +25,8 @@ def test_shipped_presets_load_and_every_run_config_is_valid():
         assert preset.where.endswith(f"reproduce-{name}.yaml")
         specs = unlearn_configs(preset)
         objectives = {s["objective"] for s in specs}
-        assert {"graddiff", "npo"} <= objectives, name
+        # tofu-cpu runs GradDiff only: it is sized to a 15-minute cached run (NPO is one line away, see it)
+        assert ({"graddiff"} if name == "tofu-cpu" else {"graddiff", "npo"}) <= objectives, name
         assert {s["optimizer"] for s in specs} >= {"adamw", "sophia"}, name
         budgets = {(s["config"].get("max_steps"), s["config"].get("epochs")) for s in specs}
         assert len(budgets) == 1, f"{name}: unequal step budgets {budgets}"

@@ -129,6 +129,12 @@ def test_forget_metrics_match_soul_eval(llama):
     assert no_gen["prob"] == pytest.approx(ours["prob"], rel=1e-6)
     with pytest.raises(ValueError, match="record 1: field 'answer'"):
         forget_metrics(llama, tokenizer, [bare[0], {"question": "q", "answer": ""}])
+    # the attacks score in the evaluation's precision: bf16 autocast matches soul eval's bf16 numbers
+    ours16 = forget_metrics(llama, tokenizer, records, max_new_tokens=6, batch_size=4, mixed_precision="bf16")
+    ref16 = evaluate(llama, tokenizer, {"forget": records}, max_new_tokens=6, batch_size=4, mixed_precision="bf16")
+    assert ours16["prob"] == pytest.approx(ref16["forget_Q_A_Prob"]["agg_value"], rel=1e-6)
+    assert ours16["truth_ratio"] == pytest.approx(ref16["forget_truth_ratio"]["agg_value"], rel=1e-6)
+    assert ours16["prob"] != ours["prob"]
 
 
 # --- configuration -------------------------------------------------------------------------------------------

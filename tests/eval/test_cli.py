@@ -43,6 +43,22 @@ def test_soul_eval_with_cached_retain_reference(setup, capsys):
     assert json.loads((tmp / "r2.json").read_text())["forget_quality"]["agg_value"] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_soul_eval_bf16_evaluates_the_retain_reference_in_bf16_too(setup):
+    """--mixed-precision bf16 scores the model and its retain reference under the same autocast: the retain
+    model against itself keeps forget quality 1, and the bf16 reference is cached apart from the fp32 one."""
+    tmp = setup
+    argv = ["eval", "--model", str(tmp / "retain"), "--data", str(tmp / "data"), "--forget-split", "forget10",
+            "--retain-model", str(tmp / "retain"), "--no-holdout", "--max-new-tokens", "2"]
+    assert main([*argv, "--out", str(tmp / "fp32.json")]) == 0
+    assert main([*argv, "--mixed-precision", "bf16", "--out", str(tmp / "bf16.json")]) == 0
+    fp32, bf16 = (json.loads((tmp / f"{n}.json").read_text()) for n in ("fp32", "bf16"))
+    assert (fp32["meta"]["mixed_precision"], bf16["meta"]["mixed_precision"]) == ("no", "bf16")
+    assert bf16["forget_quality"]["agg_value"] == pytest.approx(1.0, abs=1e-9)
+    refs = sorted((tmp / "cache" / "eval").glob("reference-*.json"))
+    assert sorted(json.loads(r.read_text())["meta"]["mixed_precision"] for r in refs) == ["bf16", "no"]
+    assert fp32["forget_Q_A_Prob"]["agg_value"] != bf16["forget_Q_A_Prob"]["agg_value"]
+
+
 def test_soul_eval_errors(setup, capsys):
     tmp = setup
     base = ["eval", "--model", str(tmp / "retain"), "--data", str(tmp / "data")]

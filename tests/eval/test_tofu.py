@@ -187,3 +187,30 @@ def test_split_roles():
     assert split_role("mine", forget_split_name="mine") == "forget"
     with pytest.raises(ValueError, match="cannot tell its role"):
         split_role("stuff")
+
+
+def test_bf16_mixed_precision_scores_and_generates_under_autocast(record_factory):
+    """Every forward pass (scoring and decoding) runs under bf16 autocast with mixed_precision="bf16" and
+    under none with "no"; the numbers stay near fp32's (weights untouched) and the precision is recorded."""
+    model, tok = tiny_model("llama")
+    recs = record_factory(11, seed=5)
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32 = evaluate(model, tok, splits_for(recs), max_new_tokens=6)
+    assert seen and not any(seen)
+    seen.clear()
+    bf16 = evaluate(model, tok, splits_for(recs), max_new_tokens=6, mixed_precision="bf16")
+    assert seen and all(seen)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert fp32["meta"]["mixed_precision"] == "no" and bf16["meta"]["mixed_precision"] == "bf16"
+    losses = {name: [v["avg_loss"] for v in res["forget_Q_A_Prob"]["value_by_index"].values()]
+              for name, res in (("fp32", fp32), ("bf16", bf16))}
+    probs = list(zip(losses["fp32"], losses["bf16"]))
+    assert any(a != b for a, b in probs)  # bf16 really ran: rounding shows in the losses
+    assert all(abs(a - b) < 0.05 * a for a, b in probs)
+    assert bf16["model_utility"]["agg_value"] == pytest.approx(fp32["model_utility"]["agg_value"], rel=0.1)
+    seen.clear()
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        evaluate(model, tok, splits_for(recs), mixed_precision="fp8")
+    assert not seen  # refused before any scoring

@@ -51,10 +51,11 @@ def test_a_bad_subset_is_a_preset_error_naming_the_key(tmp_path, data, top, wher
 
 
 def test_report_to_in_unlearn_common_is_checked():
-    ok = load_preset(tofu_cpu(unlearn={"common": {"max_steps": 2, "report_to": ["tensorboard"]}}))
+    unlearn = read_preset("tofu-cpu")["unlearn"]
+    ok = load_preset(tofu_cpu(unlearn={**unlearn, "common": {"max_steps": 2, "report_to": ["tensorboard"]}}))
     assert ok.unlearn.common["report_to"] == ["tensorboard"]
     with pytest.raises(PresetError, match=r"unlearn run graddiff-adamw: .*unknown tracker"):
-        load_preset(tofu_cpu(unlearn={"common": {"max_steps": 2, "report_to": ["tensorbored"]}}))
+        load_preset(tofu_cpu(unlearn={**unlearn, "common": {"max_steps": 2, "report_to": ["tensorbored"]}}))
 
 
 def test_missing_tofu_files_name_the_path_and_the_variable(tmp_path, monkeypatch):

@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     references = {role: path for role, path in (("target", args.target), ("retain", getattr(args, "retain", None)))
                   if path}
     eval_kwargs = {"batch_size": args.eval_batch_size, "prompt_format": args.prompt_format,
-                   "max_new_tokens": args.max_new_tokens or 200}
+                   "max_new_tokens": args.max_new_tokens or 200, "mixed_precision": args.mixed_precision}
     result = run_attacks(model, tokenizer, attacks_cfg=cfg, data={args.forget_split: forget},
                          forget_split=args.forget_split, eval_kwargs=eval_kwargs, references=references)
     result["meta"].update({"model": str(args.model), "data": str(args.data)})
@@ -142,6 +142,8 @@ def _common(p: argparse.ArgumentParser, *, retain: bool = True) -> None:
     p.add_argument("--eval-batch-size", type=int, default=16, help="sequences per scoring forward pass")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"])
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
+                   help="score and generate under bfloat16 autocast (weights as loaded)")
     p.add_argument("--config", help="YAML file of option values")
     p.set_defaults(func=_run)
 

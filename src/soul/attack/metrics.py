@@ -52,16 +52,17 @@ def _has_truth_ratio_fields(r: dict) -> bool:
 def forget_metrics(model, tokenizer, records: Sequence[dict], *, question_key: str = "question",
                    generate: bool = True, max_new_tokens: int = 200, batch_size: int = 16,
                    generation_batch_size: int | None = None, prompt_format: str = "auto",
-                   implementation: str = "batched") -> dict[str, Any]:
+                   implementation: str = "batched", mixed_precision: str = "no") -> dict[str, Any]:
     """``{"prob", "rouge", "truth_ratio", "n", "per_question"}`` of `model` on `records` (see the module doc).
 
     `question_key` picks the question field (``"paraphrased_question"`` for the paraphrase probe); the
     answers scored are always ``answer`` (and ``paraphrased_answer``/``perturbed_answer`` for the truth
     ratio). ``rouge`` is None without generation, ``truth_ratio`` None when a record lacks its fields.
+    `mixed_precision` as in `soul.eval.tofu.evaluate` ("bf16": bfloat16 autocast).
     """
     from soul.data.format import answer_ids, prompt_ids, resolve_format
     from soul.eval import metrics as M
-    from soul.eval.scoring import get_implementation
+    from soul.eval.scoring import eval_autocast, get_implementation
     from soul.losses import IGNORE_INDEX
 
     check_records(records, "forget records", question_key)
@@ -88,11 +89,12 @@ def forget_metrics(model, tokenizer, records: Sequence[dict], *, question_key: s
     was_training = model.training
     model.eval()
     try:
-        stats = score_fn(model, features, tokenizer.pad_token_id, batch_size=batch_size)
-        gens = None
-        if generate:
-            gens = generate_fn(model, tokenizer, [prompts[r[question_key]] for r in records],
-                               max_new_tokens=max_new_tokens, batch_size=generation_batch_size or 2 * batch_size)
+        with eval_autocast(model, mixed_precision):
+            stats = score_fn(model, features, tokenizer.pad_token_id, batch_size=batch_size)
+            gens = None
+            if generate:
+                gens = generate_fn(model, tokenizer, [prompts[r[question_key]] for r in records],
+                                   max_new_tokens=max_new_tokens, batch_size=generation_batch_size or 2 * batch_size)
     finally:
         model.train(was_training)
 

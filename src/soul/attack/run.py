@@ -159,12 +159,13 @@ def eval_options(cfg: dict[str, Any], eval_kwargs: Mapping[str, Any] | None) -> 
     """`soul.attack.metrics.forget_metrics` keyword arguments from the evaluation settings and `cfg`."""
     ev = dict(eval_kwargs or {})
     unknown = sorted(set(ev) - {"batch_size", "generation_batch_size", "max_new_tokens", "min_k", "prompt_format",
-                                "implementation"})
+                                "implementation", "mixed_precision"})
     if unknown:
         raise ValueError(f"eval_kwargs: unknown option(s) {unknown}")
     return {"generate": cfg["generate"], "max_new_tokens": cfg["max_new_tokens"] or ev.get("max_new_tokens", 200),
             "batch_size": ev.get("batch_size", 16), "generation_batch_size": ev.get("generation_batch_size"),
-            "prompt_format": ev.get("prompt_format", "auto"), "implementation": ev.get("implementation", "batched")}
+            "prompt_format": ev.get("prompt_format", "auto"), "implementation": ev.get("implementation", "batched"),
+            "mixed_precision": ev.get("mixed_precision", "no")}
 
 
 def forget_records(data: Mapping[str, Sequence[dict]] | str | os.PathLike, forget_split: str) -> list[dict]:

@@ -586,3 +586,14 @@ def get_implementation(name: str) -> tuple[Scorer, Generator]:
         return IMPLEMENTATIONS[name]
     except KeyError:
         raise ValueError(f"unknown implementation {name!r}; expected one of {sorted(IMPLEMENTATIONS)}") from None
+
+
+EVAL_PRECISIONS = ("no", "bf16")
+
+
+def eval_autocast(model: torch.nn.Module, mixed_precision: str):
+    """The context scoring and generation run in: bfloat16 autocast on the model's device for "bf16"
+    (weights untouched), a no-op for "no"."""
+    if mixed_precision not in EVAL_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {EVAL_PRECISIONS}, got {mixed_precision!r}")
+    return torch.autocast(_model_device(model).type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")

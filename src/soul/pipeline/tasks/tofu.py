@@ -36,7 +36,7 @@ def derived_split(forget_split: str, kind: str) -> str:
 class TofuTask(Task):
     name = "tofu"
     data_keys = ("source", "bundled", "subset")
-    eval_keys = ("batch_size", "generation_batch_size", "max_new_tokens", "min_k", "prompt_format")
+    eval_keys = ("batch_size", "generation_batch_size", "max_new_tokens", "min_k", "prompt_format", "mixed_precision")
     reference_roles = ("target", "retain")
     supports_sweep = True
     supports_attacks = True
@@ -55,6 +55,11 @@ class TofuTask(Task):
                     raise fail("forget_split", str(err)) from None
         if preset.data.get("subset") is not None:
             self.check_subset(preset, fail)
+        from soul.eval.scoring import EVAL_PRECISIONS
+
+        if preset.eval.get("mixed_precision", "no") not in EVAL_PRECISIONS:
+            raise fail("eval.mixed_precision", f"expected one of {list(EVAL_PRECISIONS)}, "
+                                               f"got {preset.eval['mixed_precision']!r}")
 
     def check_subset(self, preset: Preset, fail: Fail) -> None:
         """``data.subset``: `tofu_subset`'s options, and splits it builds (it names them after TOFU's)."""
@@ -183,7 +188,8 @@ class TofuTask(Task):
         ev = preset.eval
         return {"batch_size": ev.get("batch_size", 16), "generation_batch_size": ev.get("generation_batch_size"),
                 "max_new_tokens": ev.get("max_new_tokens", 200), "min_k": ev.get("min_k", 0.4),
-                "prompt_format": ev.get("prompt_format", preset.prompt_format_option or "auto")}
+                "prompt_format": ev.get("prompt_format", preset.prompt_format_option or "auto"),
+                "mixed_precision": ev.get("mixed_precision", "no")}
 
     def evaluate(self, model: Any, tokenizer: Any, preset: Preset, data: dict[str, Any],
                  reference: dict[str, Any] | None) -> dict[str, Any]:
