@@ -54,6 +54,8 @@ def world(tmp_path_factory) -> Path:
     (root / "not_empty" / "notes.md").write_text("mine\n")
     (root / "bool_steps.yaml").write_text("max_steps: true\n")
     (root / "str_authors.yaml").write_text("authors: many\n")
+    (root / "broken.yaml").write_text("max_steps: [1,\n")
+    (root / "a_list.yaml").write_text("- max_steps: 1\n")
     (root / "results_not_soul.json").write_text(json.dumps({"forget_quality": {"agg_value": 0.5}}))
     (root / "results_bad.json").write_text("{not json")
     return root
@@ -125,6 +127,18 @@ CASES += [
     (["reproduce", "--preset", "tiny", "--out", "{root}/not_empty"], "{root}/not_empty: exists"),
     (["reproduce", "--preset", "tiny", "--out", "{root}/a_file/sub"], "{root}/a_file is a file"),
     (["sweep", "--preset", "{root}/missing.yaml", "--out", OUT], "{root}/missing.yaml"),
+    # the three YAML readers (--config, a training --preset, a reproduce preset) share one helper
+    (["unlearn", "--model", M, "--data", D, "--out", OUT, "--config", "{root}/broken.yaml"],
+     "--config {root}/broken.yaml: not valid YAML"),
+    (["unlearn", "--model", M, "--data", D, "--out", OUT, "--config", "{root}/a_list.yaml"],
+     "--config {root}/a_list.yaml: expected a mapping of option: value, got list"),
+    (["unlearn", "--model", M, "--data", D, "--out", OUT, "--preset", "{root}/broken.yaml"],
+     "preset {root}/broken.yaml: not valid YAML"),
+    (["unlearn", "--model", M, "--data", D, "--out", OUT, "--preset", "{root}/a_list.yaml"],
+     "preset {root}/a_list.yaml: expected a mapping of option: value, got list"),
+    (["reproduce", "--preset", "{root}/broken.yaml", "--out", OUT], "preset {root}/broken.yaml: not valid YAML"),
+    (["reproduce", "--preset", "{root}/a_list.yaml", "--out", OUT],
+     "preset {root}/a_list.yaml: expected a mapping, got list"),
     (["sweep", "--preset", "tiny", "--out", "{root}/a_file/sub"], "{root}/a_file is a file"),
     (["report", "{root}/missing.json", "--out", OUT], "{root}/missing.json"),
     (["report", "{root}/results_bad.json", "--out", OUT], "{root}/results_bad.json"),

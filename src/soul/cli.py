@@ -46,17 +46,15 @@ def one_line(err: BaseException) -> str:
 
 def load_yaml_config(path: str | Path, allowed: set[str], command: str) -> dict[str, Any]:
     """Read a YAML mapping of option values, checking every key is an option of `command`."""
-    import yaml
+    from soul.io import read_yaml_mapping
 
     p = Path(path)
     if not p.is_file():
         raise CLIError(f"--config {p}: file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise CLIError(f"--config {p}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise CLIError(f"--config {p}: expected a mapping of option: value, got {type(data).__name__}")
+        data = read_yaml_mapping(p, f"--config {p}", "a mapping of option: value")
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(normalised) - allowed)
     if unknown:

@@ -50,3 +50,17 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Strict JSON (NaN/inf as null; other non-JSON values as their `str`) written atomically."""
     text = json.dumps(json_safe(data), indent=2, allow_nan=False, ensure_ascii=False, default=str) + "\n"
     return write_text_atomic(path, text)
+
+
+def read_yaml_mapping(path: str | os.PathLike, label: str, expected: str = "a mapping") -> dict[str, Any]:
+    """The mapping in the YAML file `path` (an empty file is ``{}``). Errors are ValueErrors that start with
+    `label`: ``<label>: not valid YAML (...)`` or ``<label>: expected <expected>, got <type>``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{label}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{label}: expected {expected}, got {type(data).__name__}")
+    return data

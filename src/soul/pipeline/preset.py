@@ -163,7 +163,7 @@ def read_preset(name_or_path: str | os.PathLike | dict[str, Any]) -> dict[str, A
     """The raw mapping of a preset (name → ``presets/reproduce-<name>.yaml``, a YAML path, or a dict), with
     ``name`` filled in and ``_where`` naming its file; not validated (`load_preset` does that). Use it to
     edit a shipped preset before running it."""
-    import yaml
+    from soul.io import read_yaml_mapping
 
     if isinstance(name_or_path, dict):
         data = copy.deepcopy(name_or_path)
@@ -175,12 +175,7 @@ def read_preset(name_or_path: str | os.PathLike | dict[str, Any]) -> dict[str, A
     if not path.is_file():
         raise ValueError(f"unknown reproduce preset {str(name_or_path)!r}; available: "
                          f"{', '.join(list_presets()) or 'none'} (or give a path to a YAML file)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"preset {path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"preset {path}: expected a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, f"preset {path}")
     data.setdefault("name", path.stem.removeprefix(PRESET_PREFIX))
     data["_where"] = str(path)
     return data

@@ -238,16 +238,14 @@ def list_presets() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     """The option mapping of preset `name` (a file in src/soul/presets/, or a path to a YAML file)."""
-    import yaml
+    from soul.io import read_yaml_mapping
 
     path = Path(name)
     if not path.is_file():
         path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(list_presets()) or 'none'}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"preset {path}: expected a mapping of option: value, got {type(data).__name__}")
+    data = read_yaml_mapping(path, f"preset {path}", "a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
