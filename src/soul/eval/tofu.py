@@ -22,7 +22,7 @@ from soul.eval.results import (
     reference_mia_auc,
     reference_truth_ratios,
 )
-from soul.eval.scoring import EVAL_PRECISIONS, TokenStats, eval_autocast, get_implementation
+from soul.eval.scoring import TokenStats, eval_autocast, get_implementation
 from soul.io import write_json_atomic
 from soul.losses import IGNORE_INDEX
 
@@ -163,8 +163,6 @@ def evaluate(
     (batches without prompt sharing) or "reference" (one sequence at a time; the test oracle).
     """
     score_fn, generate_fn = get_implementation(implementation)
-    if mixed_precision not in EVAL_PRECISIONS:  # before any scoring
-        raise ValueError(f"mixed_precision must be one of {EVAL_PRECISIONS}, got {mixed_precision!r}")
     gen_batch = generation_batch_size or 2 * batch_size
     fmt = resolve_format(tokenizer, prompt_format)
     roles: dict[str, tuple[str, Sequence[Record]]] = {}
