@@ -50,7 +50,7 @@ def with_(path: str, value):
     ("sweep.grid.adamw.seed", [0, 1], "sweep.grid.adamw.seed", "cannot be a sweep axis"),
     ("unlearn.objectivs", {}, "unlearn.objectivs", "unknown key"),
     ("eval.batch_sise", 4, "eval.batch_sise", "unknown key"),
-    ("eval.mixed_precision", "fp16", "eval.mixed_precision", "expected one of ['no', 'bf16']"),
+    ("eval.mixed_precision", "fp16", "eval.mixed_precision", "expected one of ['auto', 'no', 'bf16']"),
     ("data.sorce", "bundled", "data.sorce", "unknown key"),
     ("target.finetune.epoch", 1, "target.finetune.epoch", "unknown option"),
     ("influence.dampng", 1.0, "influence.dampng", "unknown option"),

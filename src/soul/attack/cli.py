@@ -142,7 +142,7 @@ def _common(p: argparse.ArgumentParser, *, retain: bool = True) -> None:
     p.add_argument("--eval-batch-size", type=int, default=16, help="sequences per scoring forward pass")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"])
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
+    p.add_argument("--mixed-precision", default="no", choices=["auto", "no", "bf16"],
                    help="score and generate under bfloat16 autocast (weights as loaded)")
     p.add_argument("--config", help="YAML file of option values")
     p.set_defaults(func=_run)

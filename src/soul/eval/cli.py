@@ -191,9 +191,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-k", type=float, default=0.4, help="fraction k of Min-K%% and Min-K%%++")
     p.add_argument("--no-holdout", action="store_true", help="skip MIA (no holdout set)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
-                   help="score and generate under bfloat16 autocast (weights as loaded; ~2x faster on CPUs with "
-                   "bf16 units); compare only results evaluated in the same precision")
+    p.add_argument("--mixed-precision", default="no", choices=["auto", "no", "bf16"],
+                   help="bf16: score and generate under bfloat16 autocast (weights as loaded; faster only on "
+                   "hardware with native bf16, slower where the CPU emulates it); auto: bf16 only where native; "
+                   "compare only results evaluated in the same precision")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lm-eval", default=None, metavar="TASKS",
                    help="comma-separated lm-eval tasks (e.g. mmlu); needs soul[lm-eval] and hub access")

@@ -588,12 +588,21 @@ def get_implementation(name: str) -> tuple[Scorer, Generator]:
         raise ValueError(f"unknown implementation {name!r}; expected one of {sorted(IMPLEMENTATIONS)}") from None
 
 
-EVAL_PRECISIONS = ("no", "bf16")
+EVAL_PRECISIONS = ("auto", "no", "bf16")
+
+
+def resolve_eval_precision(model: torch.nn.Module, mixed_precision: str, *, warn: bool = True) -> tuple[str, str]:
+    """``(choice, reason)`` for scoring `model` in `mixed_precision` ("auto": bf16 only on hardware with native
+    bf16, see `soul.precision.resolve_precision`); a bad value raises before any forward pass."""
+    from soul.precision import resolve_precision
+
+    if mixed_precision not in EVAL_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {EVAL_PRECISIONS}, got {mixed_precision!r}")
+    return resolve_precision(mixed_precision, _model_device(model), warn=warn)
 
 
 def eval_autocast(model: torch.nn.Module, mixed_precision: str):
-    """The context scoring and generation run in: bfloat16 autocast on the model's device for "bf16"
-    (weights untouched), a no-op for "no"."""
-    if mixed_precision not in EVAL_PRECISIONS:
-        raise ValueError(f"mixed_precision must be one of {EVAL_PRECISIONS}, got {mixed_precision!r}")
-    return torch.autocast(_model_device(model).type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    """The context scoring and generation run in: bfloat16 autocast on the model's device for "bf16" (and for
+    "auto" where the hardware has native bf16; weights untouched), a no-op for "no"."""
+    choice, _ = resolve_eval_precision(model, mixed_precision, warn=False)
+    return torch.autocast(_model_device(model).type, dtype=torch.bfloat16, enabled=choice == "bf16")

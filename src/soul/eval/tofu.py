@@ -22,7 +22,7 @@ from soul.eval.results import (
     reference_mia_auc,
     reference_truth_ratios,
 )
-from soul.eval.scoring import TokenStats, eval_autocast, get_implementation
+from soul.eval.scoring import TokenStats, eval_autocast, get_implementation, resolve_eval_precision
 from soul.io import write_json_atomic
 from soul.losses import IGNORE_INDEX
 
@@ -163,6 +163,8 @@ def evaluate(
     (batches without prompt sharing) or "reference" (one sequence at a time; the test oracle).
     """
     score_fn, generate_fn = get_implementation(implementation)
+    requested_precision = mixed_precision
+    mixed_precision, precision_reason = resolve_eval_precision(model, mixed_precision)
     gen_batch = generation_batch_size or 2 * batch_size
     fmt = resolve_format(tokenizer, prompt_format)
     roles: dict[str, tuple[str, Sequence[Record]]] = {}
@@ -215,6 +217,7 @@ def evaluate(
     results["meta"] = {
         "prompt_format": fmt, "max_new_tokens": max_new_tokens, "min_k": min_k, "implementation": implementation,
         "batch_size": batch_size, "generation_batch_size": gen_batch, "mixed_precision": mixed_precision,
+        "mixed_precision_requested": requested_precision, "mixed_precision_reason": precision_reason,
         "splits": {role: {"name": name, "n": len(recs)} for role, (name, recs) in roles.items()},
         "retain_reference": str(retain_reference) if isinstance(retain_reference, str | os.PathLike)
         else ("dict" if reference is not None else None),

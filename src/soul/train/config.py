@@ -15,10 +15,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from soul.precision import PRECISIONS
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 HESSIAN_BATCHES = ("forget", "retain", "both")
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MIXED_PRECISION = PRECISIONS  # soul.precision: "auto" = bf16 only where the hardware has it natively
 # Probe metrics and whether a larger value is better (for keep_best).
 KEEP_BEST_METRICS = {"forget_prob": "min", "retain_prob": "max", "train_prob": "max", "gap": "max"}
 

@@ -217,10 +217,16 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def mixed_precision(cfg: TrainConfig) -> str:
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+def mixed_precision(cfg: TrainConfig, *, warn: bool = False) -> str:
+    """The precision the run computes in (`soul.precision.resolve_precision`: "auto" → bf16 only where the
+    hardware has native bf16)."""
+    return mixed_precision_and_reason(cfg, warn=warn)[0]
+
+
+def mixed_precision_and_reason(cfg: TrainConfig, *, warn: bool = False) -> tuple[str, str]:
+    from soul.precision import resolve_precision
+
+    return resolve_precision(cfg.mixed_precision, warn=warn)
 
 
 @torch.no_grad()
@@ -326,8 +332,9 @@ def _run_training(
 
     # cpu=True on a machine without an accelerator makes `torchrun`/`accelerate launch` on CPU run multi-process
     # (gloo); without it accelerate ignores the launcher's WORLD_SIZE there and every process trains alone.
-    _release_accelerator_state(mixed_precision(cfg))
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), gradient_accumulation_steps=1,
+    precision, precision_reason = mixed_precision_and_reason(cfg, warn=True)
+    _release_accelerator_state(precision)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1,
                               cpu=not has_accelerator())
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
         raise ValueError("with DeepSpeed set gradient accumulation in the DeepSpeed config and grad_accum=1")
@@ -652,6 +659,7 @@ def _run_training(
         "versions": versions(),
         "world_size": world,
         "mixed_precision": accelerator.mixed_precision,
+        "mixed_precision_reason": precision_reason,
         "device": str(device),
         "steps": progress.step,
         "steps_per_epoch": steps_per_epoch,
