@@ -70,12 +70,15 @@ def load_data(path: str | os.PathLike) -> dict[str, list[dict]]:
 
 
 def run(model_dir: str, data: dict[str, list[dict]], out_dir: str | os.PathLike, batch_size: int,
-        **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """One graddiff + Sophia(GNB) run through `soul.train.unlearn`; returns ``(model, run record)``."""
+        dtype: torch.dtype = torch.float64, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """One graddiff + Sophia(GNB) run through `soul.train.unlearn` with the weights (and so every computation
+    of the loop) in `dtype`; returns ``(model, run record)``."""
+    from soul.models import load_model
     from soul.train import unlearn
 
+    model, tokenizer = load_model(model_dir, dtype=dtype)
     options = {**RUN_OPTIONS, **overrides}
-    return unlearn(model_dir, data=data, forget_split="forget", retain_split="retain", out_dir=out_dir,
+    return unlearn(model, tokenizer, data=data, forget_split="forget", retain_split="retain", out_dir=out_dir,
                    batch_size=batch_size, **options)
 
 
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, required=True, help="per process")
     parser.add_argument("--check-hutchinson", action="store_true")
     parser.add_argument("--check-resume", action="store_true", help="also stop a run after step 3 and resume it")
+    parser.add_argument("--also-float32", action="store_true",
+                        help="also train in float32 (into OUT/model32): the smoke run of the real precision")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.state import AcceleratorState
 
     report["distributed_type"] = str(AcceleratorState().distributed_type)
+    if args.also_float32:
+        run(args.model, data, out / "model32", args.batch_size, dtype=torch.float32)
     if args.check_resume:
         report["resumed_from_step"] = stopped_and_resumed(args.model, data, out / "resumed", args.batch_size)
     if args.check_hutchinson:

@@ -1,12 +1,22 @@
 """The training loop under `accelerate launch` with 2 CPU processes (gloo): DDP and FSDP2 equal one process.
 
-Both launches (DDP, FSDP) start at once, in the background, and the single-process reference run happens in
+The launches (DDP, FSDP) start at once, in the background, and the single-process reference runs happen in
 this process meanwhile; the tests then compare what they wrote. The oracle: a run on 2 processes × 2
 sequences per step must give the weights of a run on 1 process × 4 sequences (the same global batch: the
-loop deals record ``perm[r::world]`` to rank ``r``), to 1e-5 — which holds only if gradients are averaged
-over processes, GNB's token count B is the global one, and the gradient norm is clipped globally. The
-per-step clip fraction logged by rank 0 must equal the single-process one, which under FSDP (each rank
-holds half of every tensor) holds only if it is all-reduced.
+loop deals record ``perm[r::world]`` to rank ``r``) — which holds only if gradients are averaged over
+processes, GNB's token count B is the global one, and the gradient norm is clipped globally. The per-step
+clip fraction logged by rank 0 must equal the single-process one, which under FSDP (each rank holds half of
+every tensor) holds only if it is all-reduced.
+
+Exact by construction, on any CPU: both sides train in **float64**. Splitting the batch over processes changes
+the order of every sum (and CPUs of other generations sum in other orders again); in float32 that alone moved
+the weights by 1.2e-5 on one CPU and by 1e-5 on another, so no float32 constant separates "same run" from "a
+subtly wrong run" on every machine. In float64 the same reordering costs ~1e-14 (the float32 error ×
+eps64/eps32 ≈ 1e-5 × 2e-9), so `TOL` = 1e-10 leaves a margin of ~10⁴ above rounding on any CPU while a
+missing all-reduce or a wrong token count moves the weights by ~lr = 3e-3, 10⁷ × `TOL`.
+
+The float32 smoke run (DDP, the precision users train in) is compared with the float64 truth, with a
+tolerance derived from float32's own rounding on this machine and this run: `_float32_tolerance`.
 
 GNB samples labels from the model; for an exact comparison both sides use `dist_worker.deterministic_multinomial`
 (each token's draw depends on its own row only, not on how the batch is split over processes).
@@ -32,7 +42,8 @@ REPO = Path(__file__).resolve().parents[2]
 ACCEL_DIR = REPO / "configs" / "accelerate"
 WORKER = Path(dist_worker.__file__).resolve()
 WORLD, PER_PROCESS_BATCH = 2, 2
-TOL = 1e-5
+TOL = 1e-10  # float64 runs (module docstring)
+EPS32 = float(torch.finfo(torch.float32).eps)
 LAUNCH_TIMEOUT_S = 240
 # The error SophiaG gave under FSDP2 before its statistics used the local shards of DTensor state.
 
@@ -73,7 +84,8 @@ def runs(tmp_path_factory):
     save_model(model, tokenizer, root / "init")
     data = _toy_data()
     (root / "data.json").write_text(json.dumps(data))
-    procs = {"ddp": _launch("cpu_2proc_ddp.yaml", root / "init", root / "data.json", root / "ddp"),
+    procs = {"ddp": _launch("cpu_2proc_ddp.yaml", root / "init", root / "data.json", root / "ddp",
+                            "--also-float32"),
              "fsdp": _launch("cpu_2proc_fsdp.yaml", root / "init", root / "data.json", root / "fsdp",
                              "--check-hutchinson", "--check-resume")}
     try:
@@ -81,6 +93,8 @@ def runs(tmp_path_factory):
             mp.setattr(torch, "multinomial", dist_worker.deterministic_multinomial)
             _, ref_record = dist_worker.run(str(root / "init"), data, root / "ref",
                                             WORLD * PER_PROCESS_BATCH)
+            dist_worker.run(str(root / "init"), data, root / "ref32", WORLD * PER_PROCESS_BATCH,
+                            dtype=torch.float32)
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         for proc in procs.values():
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -89,7 +103,7 @@ def runs(tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return {"root": root, "ref": root / "ref", "ref_record": ref_record,
+    return {"root": root, "ref": root / "ref", "ref32": root / "ref32", "ref_record": ref_record,
             **{name: (root / name, proc.returncode) for name, proc in procs.items()}}
 
 
@@ -109,7 +123,22 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in b)
+
+
+def _float32_tolerance(ref32: dict[str, torch.Tensor], ref64: dict[str, torch.Tensor]) -> float:
+    """How far a correct float32 run may end from the float64 truth, from float32's own rounding here.
+
+    `ref32` is the single-process run in float32: its distance e₁ to the float64 run is what float32
+    rounding does to this very computation on this CPU (Sophia divides by small curvature entries, so it is
+    ~10³ × eps32 of the displacement, not eps32). A 2-process float32 run rounds as much in another order, so
+    its distance to the truth is of the same size; 10·e₁ allows for the max over ~10⁵ coordinates of two
+    independent roundings, and 4·eps32·max|θ| for the rounding of the weights themselves in 4 steps. A
+    missing all-reduce is off by ~lr (10³–10⁴ × e₁), which this cannot hide.
+    """
+    e1 = _max_diff(ref32, ref64)
+    weight_scale = max(t.double().abs().max().item() for t in ref64.values())
+    return 10 * e1 + 4 * EPS32 * weight_scale
 
 
 def _log(path: Path) -> list[dict]:
@@ -120,7 +149,7 @@ def _log(path: Path) -> list[dict]:
 def _assert_same_run(out: Path, runs) -> None:
     ref_w, init_w = _weights(runs["ref"]), _weights(runs["root"] / "init")
     # The comparison is not vacuous: training moved the weights far more than the tolerance.
-    assert _max_diff(ref_w, init_w) > 100 * TOL
+    assert _max_diff(ref_w, init_w) > 1e6 * TOL
     got = _weights(out / "model")
     assert set(ref_w) <= set(got)
     assert _max_diff(got, ref_w) <= TOL
@@ -129,9 +158,10 @@ def _assert_same_run(out: Path, runs) -> None:
     for mine, theirs in zip(got_log, ref_log):
         assert mine["hessian_updated"] == theirs["hessian_updated"]
         for key in ("loss", "forget_nll", "retain_nll", "grad_norm", "h_mean", "h_max"):
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), (mine["step"], key)
-        # A coordinate right at the clipping threshold may flip; a missing all-reduce would be off by ~×2.
-        assert mine["clip_fraction"] == pytest.approx(theirs["clip_fraction"], abs=1e-3), mine["step"]
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-9, abs=1e-12), (mine["step"], key)
+        # In float64 no coordinate sits within rounding of the clipping threshold: the same coordinates clip
+        # (a missing all-reduce under FSDP would be off by ~×2).
+        assert mine["clip_fraction"] == pytest.approx(theirs["clip_fraction"], abs=1e-9), mine["step"]
 
 
 @pytest.mark.dist
@@ -141,6 +171,20 @@ def test_ddp_two_processes_match_one_process(runs):
     assert report["world_size"] == WORLD and report["distributed_type"] == "DistributedType.MULTI_CPU"
     assert report["param_types"] == ["Parameter"]
     _assert_same_run(out, runs)
+
+
+@pytest.mark.dist
+def test_ddp_float32_smoke_run_is_within_float32_rounding_of_the_truth(runs):
+    """The precision users train in: 2 processes in float32 end within float32's own rounding of the float64
+    single-process run (`_float32_tolerance`), and both float32 runs really are float32."""
+    out = _finished(runs, "ddp")
+    ref64, ref32, got32 = _weights(runs["ref"]), _weights(runs["ref32"]), _weights(out / "model32")
+    assert {t.dtype for t in ref64.values()} == {torch.float64}
+    assert {t.dtype for t in ref32.values()} == {t.dtype for t in got32.values()} == {torch.float32}
+    tol = _float32_tolerance(ref32, ref64)
+    displacement = _max_diff(ref64, _weights(runs["root"] / "init"))
+    assert tol < 1e-2 * displacement  # the check separates "the same run" from a different one
+    assert _max_diff(got32, ref64) <= tol
 
 
 @pytest.mark.dist
@@ -170,10 +214,10 @@ def test_fsdp_checkpoint_and_final_model_load_in_one_process(runs):
     single = load_file(str(runs["ref"] / "checkpoints" / "step-00000002" / "model.safetensors"))
     assert set(single) <= set(sharded_run)
     assert _max_diff(sharded_run, single) <= TOL
-    assert _max_diff(single, _weights(runs["root"] / "init")) > 100 * TOL
+    assert _max_diff(single, _weights(runs["root"] / "init")) > 1e6 * TOL
     # The final model directory loads as a plain model in this (single) process.
-    model, _ = load_model(out / "model")
-    ref_model, _ = load_model(runs["ref"])
+    model, _ = load_model(out / "model", dtype=torch.float64)
+    ref_model, _ = load_model(runs["ref"], dtype=torch.float64)
     ref_params = dict(ref_model.named_parameters())
     for name, param in model.named_parameters():
         assert type(param).__name__ == "Parameter"
