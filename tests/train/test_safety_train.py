@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 import stat
 import subprocess
 import sys
@@ -419,7 +420,7 @@ def test_an_output_in_use_by_another_process_is_refused(base, tmp_path, capsys):
         for argv in (unlearn_args(base, data, tmp_path / "out"),
                      ["eval", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "out")],
                      ["reproduce", "--preset", "tiny", "--out", str(tmp_path / "out")]):
-            lock_path(tmp_path / "out").write_text(f"{holder.pid}\nhost\n")
+            lock_path(tmp_path / "out").write_text(f"{holder.pid}\n{socket.gethostname()}\n")
             assert main(argv) == 2
             assert f"in use by process {holder.pid}" in last_error(capsys)
             assert not (tmp_path / "out").exists()
