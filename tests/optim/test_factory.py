@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,7 +72,8 @@ def test_library_optimizers_resolve_by_name_with_their_options():
     assert isinstance(build_optimizer("lion", _params(), betas=[0.9, 0.98]), Lion)
 
 
-def test_library_names_fail_with_a_hint():
+def test_library_names_fail_with_a_hint(monkeypatch):
+    monkeypatch.setenv("SOUL_OPTIMIZER_LIBRARIES", "no_such_lib")
     with pytest.raises(ValueError, match=r"library 'no_such_lib' is not installed .*pip install no-such-lib"):
         build_optimizer("no_such_lib:Foo", _params())
     with pytest.raises(ValueError, match=r"torch.optim has no optimizer class 'Sgd'.*Did you mean SGD"):
@@ -87,3 +94,63 @@ def test_create_graph_is_detected_for_optimizers_that_take_hessian_vector_produc
         requires_create_graph = True
 
     assert needs_create_graph(Marked(_params(), lr=0.1))
+
+
+REPO = Path(__file__).resolve().parents[2]
+EVIL = ("import pathlib, torch\npathlib.Path(__file__).with_name('IMPORTED-' + __name__).write_text('ran')\n"
+        "class Opt(torch.optim.SGD):\n    pass\nSOAP = Opt\n")
+
+
+def test_an_optimizer_module_in_the_working_directory_is_never_imported(tmp_path):
+    """`python -m soul.cli` puts the working directory on sys.path: a shared preset or option naming a module
+    there (or shadowing an allowed library) must not run it."""
+    for name in ("evil", "pytorch_optimizer"):
+        (tmp_path / f"{name}.py").write_text(EVIL)
+    (tmp_path / "data").mkdir()
+    facts = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(6)]
+    (tmp_path / "data" / "forget10.json").write_text(json.dumps(facts[:2]))
+    (tmp_path / "data" / "retain90.json").write_text(json.dumps(facts[2:]))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
+    env.pop("SOUL_OPTIMIZER_LIBRARIES", None)
+    for optimizer, message in (("evil:Opt", "'evil' is not an allowed optimizer library (torch, pytorch_optimizer)"),
+                               ("pytorch_optimizer:SOAP", f"({tmp_path / 'pytorch_optimizer.py'}) is not the "
+                                                          "installed distribution's copy")):
+        proc = subprocess.run([sys.executable, "-m", "soul.cli", "unlearn", "--model", "/nonexistent/model",
+                               "--data", "data", "--out", "out", "--optimizer", optimizer], cwd=tmp_path,
+                              capture_output=True, text=True, env=env, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"soul unlearn: error: optimizer {optimizer!r}: ") and message in lines[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "evil.py", "pytorch_optimizer.py"]
+
+
+def test_an_opted_in_library_must_still_be_an_installed_distribution(tmp_path, monkeypatch):
+    from soul.optim.factory import check_library
+
+    (tmp_path / "evil.py").write_text(EVIL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SOUL_OPTIMIZER_LIBRARIES", "evil")
+    with pytest.raises(ValueError, match=r"the 'evil' found first on the import path .*evil.py\) is not the "
+                                         r"installed distribution's copy"):
+        build_optimizer("evil:Opt", _params())
+    assert "evil" not in sys.modules and not (tmp_path / "IMPORTED-evil").exists()
+    check_library("torch:SGD")  # the allowed, installed ones pass
+    pytest.importorskip("pytorch_optimizer")
+    check_library("pytorch_optimizer.optimizer:SOAP")
+
+
+def test_a_preset_naming_a_library_outside_the_allow_list_is_refused_whole(tmp_path):
+    from soul.pipeline import load_preset
+
+    preset = tmp_path / "p.yaml"
+    text = (REPO / "src" / "soul" / "presets" / "reproduce-tiny.yaml").read_text()
+    preset.write_text(text + "\n# appended by the test\n")
+    load_preset(str(preset))  # the bundled preset as it is: valid
+    import yaml
+
+    data = yaml.safe_load(text)
+    data["unlearn"]["optimizers"] = {"evil": {"optimizer": "evil:Opt"}}
+    preset.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"unlearn.optimizers.evil.optimizer: optimizer 'evil:Opt': 'evil' is not "
+                                         r"an allowed optimizer library"):
+        load_preset(str(preset))

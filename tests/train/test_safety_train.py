@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 import stat
 import subprocess
 import sys
@@ -419,7 +420,7 @@ def test_an_output_in_use_by_another_process_is_refused(base, tmp_path, capsys):
         for argv in (unlearn_args(base, data, tmp_path / "out"),
                      ["eval", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "out")],
                      ["reproduce", "--preset", "tiny", "--out", str(tmp_path / "out")]):
-            lock_path(tmp_path / "out").write_text(f"{holder.pid}\nhost\n")
+            lock_path(tmp_path / "out").write_text(f"{holder.pid}\n{socket.gethostname()}\n")
             assert main(argv) == 2
             assert f"in use by process {holder.pid}" in last_error(capsys)
             assert not (tmp_path / "out").exists()
@@ -482,3 +483,59 @@ def test_a_kill_between_the_two_renames_of_the_final_swap_still_resumes(base, tm
                         hessian_interval=2, checkpoint_every=2, progress=False, out_dir=out, resume=True)
     assert record["resumed_from_step"] == 2 and record["steps"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# ---------------------------------------------------------------------------------------- signals (issue 20)
+# Runs `soul.cli.main` with AdamW's step wrapped to send this process a real signal after its AT-th step.
+INTERRUPTER = """
+import os, signal, sys
+import torch
+import soul.cli
+sig, at, calls = getattr(signal, sys.argv[1]), int(sys.argv[2]), [0]
+real = torch.optim.AdamW.step
+def step(self, *args, **kwargs):
+    result = real(self, *args, **kwargs)
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), sig)
+    return result
+torch.optim.AdamW.step = step
+raise SystemExit(soul.cli.main(sys.argv[3:]))
+"""
+
+
+def interrupted(signal_name: str, at_step: int, argv: list[str]) -> tuple[int, list[str]]:
+    """Exit status and stderr lines, less transformers' own "Loading weights" bars (not soul's to silence)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTER, signal_name, str(at_step), *argv],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("Loading weights")]
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_run_says_how_to_resume_in_one_line_and_resumes(base, tmp_path, signal_name, status):
+    out = tmp_path / "out"
+    argv = [*unlearn_args(base, write_data(tmp_path / "data"), out), "--max-steps", "4", "--checkpoint-every", "1",
+            "--no-progress"]
+    code, lines = interrupted(signal_name, 3, argv)  # after the checkpoints of steps 1 and 2
+    assert code == status, lines
+    assert lines == [
+        f"soul unlearn: interrupted by {signal_name}; its checkpoints are in {out}: rerun the same command with "
+        "--resume to continue"]
+    # Lock released, no temporary sibling left; the checkpoint is there and resumes.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] == 2
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_leaves_nothing_and_reruns(base, tmp_path):
+    out = tmp_path / "out"
+    argv = [*unlearn_args(base, write_data(tmp_path / "data"), out), "--no-progress"]
+    code, lines = interrupted("SIGINT", 1, argv)
+    assert code == 130, lines
+    assert lines == [
+        "soul unlearn: interrupted by SIGINT; no checkpoint was kept; rerun the same command to start again"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the output it created is removed
+    assert main(argv) == 0 and (out / "run.json").is_file()

@@ -29,7 +29,7 @@ HUB_PREFIX = "hf:"
 
 def bundled_dir(n_authors: int = 20, qas_per_author: int = 10, seed: int = 0, n_perturbed: int = 4) -> Path:
     """Directory of the bundled benchmark with these parameters, generated on first use (atomically)."""
-    from soul.models import cache_dir
+    from soul.paths import cache_dir
 
     target = cache_dir() / "data" / (
         f"bundled-v{GENERATOR_VERSION}-a{n_authors}-q{qas_per_author}-s{seed}-p{n_perturbed}"

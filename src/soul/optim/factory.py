@@ -3,8 +3,14 @@
 Built in: ``adamw`` and ``sgd`` (torch), ``sophia`` (:class:`SophiaG`), ``signum`` (:class:`Signum`,
 Sophia without curvature) and ``lion`` (:class:`Lion`). Any optimizer class of an installed library is
 reachable as ``"LIBRARY:Class"``: ``torch:SGD`` / ``torch:RAdam`` (``torch.optim``),
-``pytorch_optimizer:SOAP``, ``pytorch_optimizer:AdaHessian`` … (any importable module that exports the class;
-``torch`` means ``torch.optim``). Options are the class's own constructor keywords.
+``pytorch_optimizer:SOAP``, ``pytorch_optimizer:AdaHessian`` … (``torch`` means ``torch.optim``). Options are
+the class's own constructor keywords.
+
+A preset is data, so naming a library must not run code that came with it: ``LIBRARY`` (its top-level
+package) must be in `ALLOWED_LIBRARIES` or in ``$SOUL_OPTIMIZER_LIBRARIES`` (comma-separated, the user's
+explicit opt-in), and the package found must be the copy an installed distribution put there (its file is
+listed in that distribution's RECORD). A ``pytorch_optimizer.py`` or ``evil.py`` in the working directory
+(on ``sys.path`` under ``python -m soul.cli``) or anywhere else on ``sys.path`` is refused without importing it.
 
 Some optimizers estimate curvature inside ``step()`` from Hessian-vector products of the gradients
 (pytorch_optimizer's AdaHessian and SophiaH): they need the training loss back-propagated with
@@ -16,9 +22,14 @@ documents the requirement only in docstrings).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import inspect
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -69,6 +80,9 @@ _EXTRA_OPTIONS = {"sophia": {"gamma"}}
 # Library classes known to need backward(create_graph=True) (see the module docstring for the other signals).
 CREATE_GRAPH_OPTIMIZERS = {("pytorch_optimizer", "AdaHessian"), ("pytorch_optimizer", "SophiaH")}
 _LIBRARY_MODULES = {"torch": "torch.optim"}
+# Top-level packages `LIBRARY:Class` may import (module docstring); more with $SOUL_OPTIMIZER_LIBRARIES.
+ALLOWED_LIBRARIES = ("torch", "pytorch_optimizer")
+LIBRARIES_ENV = "SOUL_OPTIMIZER_LIBRARIES"
 
 
 def is_external(name: str) -> bool:
@@ -89,8 +103,57 @@ def _optimizer_classes(module: Any) -> list[str]:
                   if inspect.isclass(v) and issubclass(v, torch.optim.Optimizer) and not n.startswith("_"))
 
 
+def allowed_libraries() -> list[str]:
+    extra = [n.strip() for n in os.environ.get(LIBRARIES_ENV, "").split(",") if n.strip()]
+    return [*ALLOWED_LIBRARIES, *extra]
+
+
+def _installed_by_a_distribution(top: str) -> bool:
+    """Whether the package `top` that an import would load is a file an installed distribution recorded."""
+    spec = importlib.util.find_spec(top)  # a top-level name: located, not imported
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return False
+    return _recorded(top, os.path.realpath(spec.origin))
+
+
+@functools.cache
+def _recorded(top: str, origin: str) -> bool:
+    def candidates() -> Iterable[Any]:
+        # Usually named like its package (torch, pytorch_optimizer); the full lookup scans every distribution.
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            yield importlib.metadata.distribution(top)
+        for dist_name in importlib.metadata.packages_distributions().get(top, []):
+            yield importlib.metadata.distribution(dist_name)
+
+    name = os.path.basename(origin)
+    return any(os.path.realpath(dist.locate_file(f)) == origin
+               for dist in candidates() for f in dist.files or () if f.name == name)
+
+
+def check_library(name: str) -> None:
+    """Refuse (ValueError, nothing imported) a ``LIBRARY:Class`` whose library may not be imported (module
+    docstring)."""
+    library, _cls = _split(name)
+    top = library.split(".")[0]
+    allowed = allowed_libraries()
+    if top not in allowed:
+        raise ValueError(f"optimizer {name!r}: {top!r} is not an allowed optimizer library ({', '.join(allowed)}); "
+                         f"soul imports no other module for a preset or option (add an installed library to "
+                         f"${LIBRARIES_ENV}, comma-separated, to allow it)")
+    spec = importlib.util.find_spec(top)
+    if spec is None:
+        raise ValueError(f"optimizer {name!r}: the library {top!r} is not installed (no module named {top!r}); "
+                         "install it (e.g. pip install "
+                         f"{top.replace('_', '-')}) or choose a built-in optimizer: {sorted(OPTIMIZERS)}")
+    if not _installed_by_a_distribution(top):
+        raise ValueError(f"optimizer {name!r}: the {top!r} found first on the import path "
+                         f"({spec.origin}) is not the installed distribution's copy; "
+                         "refusing to import it (a file of that name in the working directory or on PYTHONPATH?)")
+
+
 def resolve_optimizer_class(name: str) -> type:
     """The optimizer class named ``"LIBRARY:Class"`` (``torch`` = ``torch.optim``); clear errors otherwise."""
+    check_library(name)
     library, cls_name = _split(name)
     module_name = _LIBRARY_MODULES.get(library, library)
     try:

@@ -319,6 +319,13 @@ class _Checker:
         if value.lower() not in _optimizer_names() and not LIB_OPTIMIZER.match(value):
             raise self.fail(path, f"unknown optimizer {value!r}; known: {sorted(_optimizer_names())} or "
                                   "'<module>:<Class>'")
+        if LIB_OPTIMIZER.match(value):
+            from soul.optim.factory import check_library
+
+            try:  # an allowed, installed library only; nothing is imported for a preset that names another
+                check_library(value)
+            except ValueError as err:
+                raise self.fail(path, str(err)) from None
         return value
 
     def objective_name(self, value: Any, path: str, *, allow_finetune: bool = False) -> str:

@@ -27,7 +27,7 @@ from soul.report.diagnostics import run_diagnostics
 def _reference_model(role: str, preset: Preset, base: str, base_fp: str, data: dict[str, Any],
                      progress: Progress) -> tuple[str, str, float | None]:
     """``(path, fingerprint, wall_time_s)`` of reference model `role` ("target" or "retain")."""
-    from soul.models import cache_dir
+    from soul.paths import cache_dir
 
     task = preset.task_impl
     ref = getattr(preset, role)
@@ -189,7 +189,7 @@ def evaluate_run(model: Any, tokenizer: Any, preset: Preset, data: dict[str, Any
 def evaluate_reference(path: str, fingerprint: str, preset: Preset, data: dict[str, Any],
                        reference: dict[str, Any] | None, out: Path, progress: Progress, role: str) -> dict[str, Any]:
     """Evaluate a reference model once per (model, eval settings, eval data, reference); cached as JSON."""
-    from soul.models import cache_dir
+    from soul.paths import cache_dir
 
     task = preset.task_impl
     key = sha({"v": CACHE_VERSION, "model": fingerprint, **task.eval_cache_key(preset, data, reference)})
