@@ -204,11 +204,11 @@ def test_report_nonfinite_numbers_become_null_and_warn(tmp_path, capsys):
 
 
 def test_labels_with_dollar_signs_and_backslashes_are_drawn_as_text(tmp_path):
-    """A method label with `$` (and a backslash) was parsed as matplotlib mathtext: an unbalanced `$` made `soul report`
-    fail and write nothing. Labels are literal text: every figure and report file is written."""
+    """Method labels with `$` (and backslashes) were parsed as matplotlib mathtext: a pair of `$` around text that
+    is not valid TeX made `soul report` fail and write nothing. Labels are literal text: every file is written."""
     results = synthetic_results()
-    for run, label in zip(results["runs"], ["cost $5 \\ run $10", "a $x$ b", "odd $ one",
-                                                      "\\alpha$ and $\\notacommand"]):
+    # invalid as TeX: "x^" lacks its superscript, \notacommand is no symbol; "_" alone is a syntax error
+    for run, label in zip(results["runs"], ["cost $x^$ run", "a $\\notacommand$ b", "odd $ one", "x $_$ y"]):
         run["label"] = label
     results["runs"][0]["optimizer"] = "so$phia"  # drawn in the loss-curve legend (an unknown optimizer name)
     files = write_report(results, tmp_path, stream=None)

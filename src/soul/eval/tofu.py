@@ -120,7 +120,7 @@ def _places(names: Sequence[str], sources: Mapping[str, str] | None) -> dict[str
 
 
 def _length_guard(pool: _Pool, roles: dict[str, tuple[str, Sequence[Record]]], places: dict[str, Any],
-                  context: int | None, max_length: int | None) -> None:
+                  context: int | None, max_length: int | None, *, warn: bool = True) -> None:
     """Nothing longer than the model's context reaches a forward pass — the rule of training
     (`soul.train.lengths`): without `max_length` a question + answer longer than `context` is an error
     naming its file, record and field; with it (at most `context`) answers were cut to fit (`_Pool`) and one
@@ -142,6 +142,8 @@ def _length_guard(pool: _Pool, roles: dict[str, tuple[str, Sequence[Record]]], p
         more = f" ({len(too_long)} answers are)" if len(too_long) > 1 else ""
         raise ValueError(f"{place}: question + {field} is {n} tokens long, more than the model's context of "
                          f"{limit}{more}; shorten it or set max_length (soul eval --max-length) to truncate answers")
+    if not warn:
+        return
     by_role: dict[str, list[int]] = {}
     for role, i, _, _ in pool.truncated:
         by_role.setdefault(role, [])
@@ -187,7 +189,8 @@ def check_lengths(tokenizer, splits: Mapping[str, Sequence[Record]], *, context:
     unless `max_length` truncates), with only a tokenizer: `soul eval` runs them before loading any model."""
     roles = _roles(splits, holdout, forget_split_name)
     pool = _fill_pool(_Pool(tokenizer, resolve_format(tokenizer, prompt_format), max_length), roles)
-    _length_guard(pool, roles, _places([name for name, _ in roles.values()], sources), context, max_length)
+    # no warning here: `evaluate` warns when it truncates
+    _length_guard(pool, roles, _places([name for name, _ in roles.values()], sources), context, max_length, warn=False)
 
 
 def _generation_budget(prompts: Sequence[list[int]], max_new_tokens: int, context: int | None) -> int:
