@@ -57,6 +57,21 @@ def world(tmp_path_factory) -> Path:
     (root / "broken.yaml").write_text("max_steps: [1,\n")
     (root / "a_list.yaml").write_text("- max_steps: 1\n")
     (root / "results_not_soul.json").write_text(json.dumps({"forget_quality": {"agg_value": 0.5}}))
+    # `soul eval --config`: every value checked against its option's type and choices (issue 20, item 16)
+    (root / "int_split.yaml").write_text("forget_split: 10\n")
+    (root / "bad_choice.yaml").write_text("prompt_format: xml\n")
+    (root / "str_flag.yaml").write_text("no_holdout: 'yes'\n")
+    (root / "float_batch.yaml").write_text("batch_size: 2.5\n")
+    # A model with learned positions (256) and a data set whose forget record 1 has a ~2000-token answer.
+    save_model(*tiny_model("gpt2"), root / "gpt2")
+    long = root / "long"
+    long.mkdir()
+    long_perturbed = [dict(r) for r in perturbed]
+    long_perturbed[1]["answer"] = " ".join(f"word{i}" for i in range(700))
+    for name, records in {"forget10_perturbed": long_perturbed, "retain_perturbed": perturbed,
+                          "real_authors_perturbed": perturbed, "world_facts_perturbed": perturbed,
+                          "holdout10": FACTS[2:4]}.items():
+        (long / f"{name}.json").write_text(json.dumps(records))
     (root / "results_bad.json").write_text("{not json")
     return root
 
@@ -122,6 +137,26 @@ CASES += [
     (["eval", "--model", M, "--data", "{root}/missing_data", "--out", "{root}/r.json"], "{root}/missing_data"),
     (["eval", "--model", M, "--data", "{root}/latin", "--out", "{root}/r.json", "--forget-split", "forget10"],
      "{root}/latin/"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--config", "{root}/int_split.yaml"],
+     "--config {root}/int_split.yaml: key 'forget_split' (--forget-split) expects a string"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--config", "{root}/bad_choice.yaml"],
+     "--config {root}/bad_choice.yaml: key 'prompt_format' (--prompt-format) must be one of"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--config", "{root}/str_flag.yaml"],
+     "--config {root}/str_flag.yaml: key 'no_holdout' (--no-holdout) expects true or false"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--config", "{root}/float_batch.yaml"],
+     "--config {root}/float_batch.yaml: key 'batch_size' (--batch-size) expects an integer"),
+    # outputs are checked before any data or model is loaded (item 18)
+    (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--open-unlearning-dir", "{root}/a_file"],
+     "--open-unlearning-dir {root}/a_file: exists and is not a directory"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--open-unlearning-dir", "{root}/a_file/sub"],
+     "{root}/a_file is a file"),
+    (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--report-to", "tensorboard", "--tracker-dir",
+      "{root}/a_file"], "--tracker-dir {root}/a_file: exists and is not a directory"),
+    # no sequence longer than the model's context is scored (item 17): the file and record are named
+    (["eval", "--model", "{root}/gpt2", "--data", "{root}/long", "--out", "{root}/r.json"],
+     "{root}/long/forget10_perturbed.json: record 1: question + answer is"),
+    (["eval", "--model", "{root}/gpt2", "--data", "{root}/long", "--out", "{root}/r.json", "--max-length", "300"],
+     "'max_length' is 300, more than the model's context of 256 tokens"),
     (["reproduce", "--preset", "{root}/missing.yaml", "--out", OUT], "{root}/missing.yaml"),
     (["reproduce", "--preset", "tiny", "--out", "{root}/a_file"], "{root}/a_file: is a file"),
     (["reproduce", "--preset", "tiny", "--out", "{root}/not_empty"], "{root}/not_empty: exists"),

@@ -47,8 +47,75 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
-def load_yaml_config(path: str | Path, allowed: set[str], command: str) -> dict[str, Any]:
-    """Read a YAML mapping of option values, checking every key is an option of `command`."""
+_STD_ACTIONS = (argparse._StoreAction, argparse._StoreTrueAction, argparse._StoreFalseAction,
+                argparse.BooleanOptionalAction)
+
+
+def _config_value(where: str, key: str, value: Any, action: argparse.Action) -> Any:
+    """`value` of config key `key` checked against its command-line option `action` (and converted as the
+    command line would convert it); a CLIError naming `where` and the key when it has the wrong type.
+
+    Without this a YAML ``forget_split: 10`` reached the code as an int (argparse converts only string
+    defaults) and failed minutes later with an AttributeError."""
+    option = f" ({action.option_strings[-1]})" if action.option_strings else ""
+    name = f"{where}: key {key!r}{option}"
+
+    def fail(expected: str, got: Any = value) -> CLIError:
+        shown = "null" if got is None else f"{got!r} ({type(got).__name__})"
+        return CLIError(f"{name} expects {expected}, got {shown}")
+
+    if not isinstance(action, _STD_ACTIONS):  # a command's own action (KEY=VALUE pairs): its own checks
+        return value
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if value is None:
+        if action.default is None or action.default == argparse.SUPPRESS:  # null = not given
+            return None
+        raise fail("a value")
+    convert = action.type
+    kind = {int: "an integer", float: "a number", None: "a string"}.get(convert, "a value")
+
+    def scalar(item: Any) -> Any:
+        if convert in (int, float, None) and isinstance(item, bool | list | dict):
+            raise fail(kind, item)
+        if convert is None:
+            if not isinstance(item, str):
+                raise fail(kind + " (quote it in the YAML file)", item)
+            converted = item
+        elif convert is float and isinstance(item, int | float):
+            converted = float(item)
+        elif convert is int and isinstance(item, int):
+            converted = item
+        elif isinstance(item, str):  # as typed on the command line
+            try:
+                converted = convert(item)
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+                raise CLIError(f"{name}: {one_line(err)}") from None
+        elif convert in (int, float):
+            raise fail(kind, item)
+        else:  # a command-specific type given a non-string (e.g. a list of seeds): the command checks it
+            converted = item
+        if action.choices is not None and converted not in action.choices:
+            raise CLIError(f"{name} must be one of {', '.join(map(str, action.choices))}; got {item!r}")
+        return converted
+
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        if not isinstance(value, list):
+            raise fail(f"a list of {kind.removeprefix('an ').removeprefix('a ')}s")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise CLIError(f"{name} expects a list of {action.nargs} values, got {len(value)}")
+        if action.nargs == "+" and not value:
+            raise CLIError(f"{name} expects a non-empty list")
+        return [scalar(v) for v in value]
+    return scalar(value)
+
+
+def load_yaml_config(path: str | Path, allowed: set[str], command: str,
+                     actions: dict[str, argparse.Action] | None = None) -> dict[str, Any]:
+    """Read a YAML mapping of option values, checking every key is an option of `command` and, given the
+    command's `actions` (dest -> argparse action), that every value has its option's type and choices."""
     from soul.io import read_yaml_mapping
 
     p = Path(path)
@@ -62,6 +129,9 @@ def load_yaml_config(path: str | Path, allowed: set[str], command: str) -> dict[
     unknown = sorted(set(normalised) - allowed)
     if unknown:
         raise CLIError(f"--config {p}: unknown option(s) {unknown} for `soul {command}`")
+    if actions:
+        normalised = {k: _config_value(f"--config {p}", k, v, actions[k]) if k in actions else v
+                      for k, v in normalised.items()}
     return normalised
 
 
@@ -148,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "config", None):
             sub = _subparser(parser, args.command)
             sub = _innermost(sub, args)  # nested commands (`soul data make`) take their own options
-            allowed = {a.dest for a in sub._actions} - {"help", "config"}
-            sub.set_defaults(**load_yaml_config(args.config, allowed, args.command))
+            actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+            sub.set_defaults(**load_yaml_config(args.config, set(actions), args.command, actions))
             args = parser.parse_args(argv)
         with _sigterm_unwinds():
             result = args.func(args)

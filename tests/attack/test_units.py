@@ -60,6 +60,18 @@ def test_recovery_formula_and_guard():
     assert recovery(None, 0.1, 0.5) is None and recovery(0.3, 0.1, float("nan")) is None
 
 
+def test_recovery_of_a_gap_too_small_to_measure_is_none_with_a_note():
+    """A target–unlearned gap of 2e-6 on metrics near 0.4 is noise: it gave a recovery of 1.5e5 (the absolute
+    epsilon was 1e-6). Relative to the metric's size it is too small to measure."""
+    from soul.attack.metrics import recoveries
+
+    assert recovery(0.4, 0.1, 0.1 + 2e-6) is None
+    assert recovery(0.4, 0.1, 0.1 + 2e-4) == pytest.approx(1500.0)  # 0.2 % of the metric: measured
+    notes: list[str] = []
+    out = recoveries({"prob": 0.4}, {"prob": 0.1}, {"prob": 0.1 + 2e-6}, notes, "relearn")
+    assert out["prob"] is None and any("gap too small to measure" in n for n in notes)
+
+
 # --- quantizer -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [2, 4, 8])

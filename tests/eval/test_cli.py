@@ -71,3 +71,50 @@ def test_soul_eval_errors(setup, capsys):
     if importlib.util.find_spec("lm_eval") is None:
         assert main([*base, "--out", str(tmp / "x.json"), "--lm-eval", "mmlu"]) == 2
         assert "soul[lm-eval]" in capsys.readouterr().err
+
+
+def test_soul_eval_max_length_truncates_a_too_long_answer_with_a_warning(setup, capsys):
+    """A model with learned positions (GPT-2, 256) and a forget answer of ~2000 tokens: without --max-length
+    it is refused naming the file and record (tests/test_cli_bad_inputs.py); with it the answer is cut to fit,
+    as in training, with a warning naming the file — no IndexError from the position embedding."""
+    tmp = setup
+    model, tok = tiny_model("gpt2", seed=1)
+    save_model(model, tok, tmp / "gpt2")
+    split = tmp / "data" / "forget10_perturbed.json"
+    records = json.loads(split.read_text())
+    records[0]["answer"] = " ".join(f"word{i}" for i in range(700))
+    split.write_text(json.dumps(records))
+    argv = ["eval", "--model", str(tmp / "gpt2"), "--data", str(tmp / "data"), "--forget-split", "forget10",
+            "--no-holdout", "--max-new-tokens", "2", "--out", str(tmp / "res.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{split}: record 0: question + answer is" in err and "more than the model's context of 256" in err
+    assert not (tmp / "res.json").exists()
+    assert main([*argv, "--max-length", "128"]) == 0
+    err = capsys.readouterr().err
+    assert f"{split}: truncated answers of 1 record(s) to max_length=128 tokens (records 0)" in err
+    res = json.loads((tmp / "res.json").read_text())
+    assert res["meta"]["max_length"] == 128 and res["forget_Q_A_Prob"]["agg_value"] > 0
+
+
+def test_cached_retain_reference_is_keyed_on_the_weights_content(setup):
+    """Retain weights replaced by different bytes of the same size, with the old modification time restored:
+    the reference is recomputed (it was keyed on names, sizes and mtimes, so the stale one was reused)."""
+    import os
+
+    tmp = setup
+    argv = ["eval", "--model", str(tmp / "retain"), "--data", str(tmp / "data"), "--forget-split", "forget10",
+            "--retain-model", str(tmp / "retain"), "--no-holdout", "--max-new-tokens", "1"]
+    assert main([*argv, "--out", str(tmp / "a.json")]) == 0
+    weights = tmp / "retain" / "model.safetensors"
+    before = weights.stat()
+    other, tok = tiny_model("llama", seed=2)  # same architecture: the same file size, other values
+    save_model(other, tok, tmp / "other")
+    new_bytes = (tmp / "other" / "model.safetensors").read_bytes()
+    assert len(new_bytes) == before.st_size and new_bytes != weights.read_bytes()
+    weights.write_bytes(new_bytes)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert main([*argv, "--out", str(tmp / "b.json")]) == 0
+    assert len(list((tmp / "cache" / "eval").glob("reference-*.json"))) == 2
+    # the new weights evaluated against their own, recomputed reference: forget quality 1
+    assert json.loads((tmp / "b.json").read_text())["forget_quality"]["agg_value"] == pytest.approx(1.0, abs=1e-9)

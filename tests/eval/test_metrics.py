@@ -105,3 +105,62 @@ def test_privleak_and_ks():
     assert p == pytest.approx(1.0) and d == 0.0
     p, d = M.ks_forget_quality([0.01 * i for i in range(30)], [10 + 0.01 * i for i in range(30)])
     assert d == 1.0 and p < 1e-10
+
+
+# --- edge values (issue 20, item 21): none may abort an evaluation or explode ------------------------------
+def nll(value: float, n: int = 2) -> TokenStats:
+    """An answer of `n` tokens whose per-token mean NLL is `value` (beyond what exp() can represent)."""
+    return TokenStats([-value] * n, [False] * n, [0.0] * n, [1.0] * n)
+
+
+def test_privleak_at_a_retain_auc_of_zero_is_nan_not_an_abort():
+    assert math.isnan(M.privleak(0.5, 0.0))
+    with pytest.raises(ValueError, match="AUC must be in"):
+        M.privleak(0.5, 1.5)
+
+
+def test_truth_ratio_in_log_space_survives_huge_nll_gaps():
+    # the correct answer 800 nats per token less likely than the perturbed ones: exp(800) overflows
+    tr = M.truth_ratio(nll(800.0), [nll(0.0)])
+    assert math.isfinite(tr) and tr > 1e300
+    assert M.log_truth_ratio(nll(800.0), [nll(0.0)]) == pytest.approx(800.0)
+    assert M.truth_ratio_forget_stat_log(800.0) == 0.0 and M.truth_ratio_retain_stat(tr) == 0.0
+    # the other way: TR underflows to 0, and min(TR, 1/TR) divided by zero
+    tr = M.truth_ratio(nll(0.0), [nll(800.0)])
+    assert tr == 0.0
+    assert M.truth_ratio_forget_stat(tr) == 0.0 and M.truth_ratio_forget_stat(math.inf) == 0.0
+    assert M.truth_ratio_retain_stat(tr) == 1.0
+
+
+def test_normalised_probability_when_every_probability_underflows():
+    # p_c = e^-800, p_j = e^-801: each underflows to 0, their ratio is 1 / (1 + e^-1)
+    assert M.normalised_probability(nll(800.0), [nll(801.0)]) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_tofu_metrics_with_extreme_nlls_and_a_zero_retain_auc():
+    """`soul.eval.tofu`'s assembly on statistics no real model gives easily: a forget question whose true
+    answer is 800 nats less likely, a real-world one whose answers all underflow, a retain reference MIA AUC of
+    0 — finite numbers, PrivLeak null with its reason, no exception."""
+    from soul.eval import tofu
+
+    records = [{"question": "Q?", "answer": "A.", "paraphrased_answer": "P.", "perturbed_answer": ["X.", "Y."]}]
+    stats = {"answer": nll(1.0), "para": nll(800.0), "pert": nll(0.0)}
+    out = tofu._qa_metrics("forget", records, lambda role, i, kind, j=0: stats[kind], None)
+    row = out["forget_truth_ratio"]["value_by_index"]["0"]
+    assert row["stat"] == 0.0 and math.isfinite(row["score"]) and row["p_false"] == pytest.approx(1.0)
+    stats = {"answer": nll(0.0), "para": nll(0.0), "pert": nll(800.0)}
+    out = tofu._qa_metrics("forget", records, lambda role, i, kind, j=0: stats[kind], None)
+    assert out["forget_truth_ratio"]["value_by_index"]["0"]["stat"] == 0.0
+    stats = {"answer": nll(900.0), "pert": nll(900.0)}
+    out = tofu._qa_metrics("ra", records, lambda role, i, kind, j=0: stats[kind], None)
+    assert out["ra_Q_A_Prob_normalised"]["agg_value"] == pytest.approx(1 / 3)
+    results = {"mia_min_k": {"agg_value": 0.4}}
+    tofu._privleak(results, {"mia_min_k": {"agg_value": 0.0}})
+    assert results["privleak"]["agg_value"] is None and "retain model's MIA AUC is 0" in results["privleak"]["note"]
+
+
+def test_tofu_log_reference_with_a_huge_loss_gap():
+    from soul.eval.interop import tofu_truth_ratios
+
+    ratios = tofu_truth_ratios({"avg_paraphrased_loss": {"0": 900.0}, "average_perturb_loss": {"0": [1.0, 2.0]}})
+    assert math.isfinite(ratios["0"]) and ratios["0"] > 1e300

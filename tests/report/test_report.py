@@ -198,7 +198,24 @@ def test_report_nonfinite_numbers_become_null_and_warn(tmp_path, capsys):
     results["runs"][0]["metrics"]["forget_quality"]["agg_value"] = math.nan
     files = write_report(results, tmp_path, stream=None)
     data = json.loads(files["results.json"].read_text())  # strict JSON despite the NaN
-    assert any("Forget quality is nan" in p for p in data["problems"])
+    # the NaN is left out of the mean (no seed has a value) and named
+    assert any(p.startswith("NPO + Sophia (SO): Forget quality missing (null/NaN) for npo-sophia (nan)")
+               for p in data["problems"])
+
+
+def test_labels_with_dollar_signs_and_backslashes_are_drawn_as_text(tmp_path):
+    """Method labels with `$` (and backslashes) were parsed as matplotlib mathtext: a pair of `$` around text that
+    is not valid TeX made `soul report` fail and write nothing. Labels are literal text: every file is written."""
+    results = synthetic_results()
+    # invalid as TeX: "x^" lacks its superscript, \notacommand is no symbol; "_" alone is a syntax error
+    for run, label in zip(results["runs"], ["cost $x^$ run", "a $\\notacommand$ b", "odd $ one", "x $_$ y"]):
+        run["label"] = label
+    results["runs"][0]["optimizer"] = "so$phia"  # drawn in the loss-curve legend (an unknown optimizer name)
+    files = write_report(results, tmp_path, stream=None)
+    for name in ("report.html", "table.md", "results.json", "fq_vs_utility.png", "metric_bars.png"):
+        assert (tmp_path / name).is_file(), name
+    assert files["fq_vs_utility.png"].read_bytes().startswith(PNG_MAGIC)
+    assert "odd $ one" in files["table.md"].read_text()
 
 
 def test_soul_report_command(tmp_path, capsys):

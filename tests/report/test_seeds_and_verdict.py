@@ -213,3 +213,30 @@ def test_a_sweep_report_has_no_per_setting_verdicts(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["verdicts"] == []
     assert "## Verdict" not in (tmp_path / "table.md").read_text()
+
+
+def test_a_seed_with_a_nan_metric_is_not_counted_and_is_named():
+    """One Sophia seed's forget quality is NaN (stored as null in results.json): the mean, the interval and
+    the verdict's n use the 2 finite values, and the report says which seed lacked it (it printed n = 3)."""
+    for missing in (None, math.nan):
+        results = seeded_results()
+        sophia_s2 = next(r for r in results["runs"] if r["name"] == "graddiff-sophia-s2")
+        sophia_s2["metrics"]["forget_quality"]["agg_value"] = missing
+        row = next(r for r in table_rows(results) if r["name"] == "graddiff-sophia")
+        assert row["n"] == 3 and row["forget_quality_n"] == 2
+        assert row["forget_quality"] == pytest.approx(0.45) and row["forget_quality_std"] == pytest.approx(0.0707, abs=1e-4)
+        assert row["forget_quality_missing"] == [f"seed 2 ({'null' if missing is None else 'nan'})"]
+        [v] = verdicts(table_rows(results))
+        assert "(n = 2 vs 3 seeds; Sophia ρ=0.04 (SO): forget quality missing (null/NaN) for seed 2" in v["sentence"]
+
+
+def test_the_report_warns_about_a_missing_seed_value(tmp_path):
+    results = seeded_results()
+    next(r for r in results["runs"] if r["name"] == "graddiff-sophia-s1")["metrics"]["model_utility"]["agg_value"] = None
+    files = write_report(results, tmp_path, stream=None)
+    data = json.loads(files["results.json"].read_text())
+    line = ("GradDiff + Sophia ρ=0.04 (SO): Model utility missing (null/NaN) for seed 1 (null); the mean is over 2 "
+            "of 3 seeds")
+    assert line in data["problems"]
+    assert line in files["report.html"].read_text()
+    assert "model utility missing (null/NaN) for seed 1" in files["table.md"].read_text()

@@ -15,8 +15,10 @@ Recovery of metric m after an attack (``recovery``)::
     recovery = (m_after − m_unlearned) / (m_target − m_unlearned)
 
 0 = the attack left the unlearned model where it was, 1 = back at the target model's level (negative or
-above 1 is possible). When |m_target − m_unlearned| < ``RECOVERY_EPS`` the unlearning did not move the
-metric, the ratio means nothing and recovery is None (with a note).
+above 1 is possible). When the gap |m_target − m_unlearned| is below ``RECOVERY_EPS`` or below
+``RECOVERY_REL_EPS`` times the larger of |m_target|, |m_unlearned| (`gap_too_small`), the unlearning did not
+measurably move the metric: dividing by that gap would turn noise into a figure of thousands, so recovery is
+None, with the note "gap too small to measure".
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ METRICS = ("prob", "rouge", "truth_ratio")
 # The names of the same numbers in `soul.eval.evaluate`'s results (open-unlearning's spelling).
 EVAL_KEYS = {"prob": "forget_Q_A_Prob", "rouge": "forget_Q_A_ROUGE", "truth_ratio": "forget_truth_ratio"}
 RECOVERY_EPS = 1e-6
+# Relative floor of the gap: the metrics are means over a few questions in [0, 1] (or near it), so a change of
+# less than 0.1 % of their size is rounding and batch-order noise, not unlearning (a 2e-6 gap gave 2e5).
+RECOVERY_REL_EPS = 1e-3
 
 
 def check_records(records: Sequence[dict], where: str, question_key: str = "question") -> None:
@@ -103,7 +108,7 @@ def forget_metrics(model, tokenizer, records: Sequence[dict], *, question_key: s
         row: dict[str, Any] = {"prob": M.probability(stats[where[(i, "answer", 0)]])}
         if with_tr:
             pert = [stats[where[(i, "pert", j)]] for j in range(len(r["perturbed_answer"]))]
-            row["truth_ratio"] = M.truth_ratio_forget_stat(M.truth_ratio(stats[where[(i, "para", 0)]], pert))
+            row["truth_ratio"] = M.truth_ratio_forget_stat_log(M.log_truth_ratio(stats[where[(i, "para", 0)]], pert))
         if gens is not None:
             row["rouge"] = M.rouge_l_recall(gens[i], r["answer"])
             row["generation"] = gens[i]
@@ -128,10 +133,16 @@ def recovery(after: float | None, unlearned: float | None, target: float | None,
         return None
     if not all(math.isfinite(v) for v in (after, unlearned, target)):
         return None
-    gap = target - unlearned
-    if abs(gap) < eps:
+    if gap_too_small(unlearned, target, eps=eps):
         return None
-    return (after - unlearned) / gap
+    return (after - unlearned) / (target - unlearned)
+
+
+def gap_too_small(unlearned: float, target: float, *, eps: float = RECOVERY_EPS,
+                  rel_eps: float = RECOVERY_REL_EPS) -> bool:
+    """Whether target − unlearned is too small to divide by: below `eps`, or below `rel_eps` × the larger
+    magnitude of the two (module docstring)."""
+    return abs(target - unlearned) < max(eps, rel_eps * max(abs(target), abs(unlearned)))
 
 
 def recoveries(after: dict[str, Any], unlearned: dict[str, Any], target: dict[str, Any] | None,
@@ -145,9 +156,9 @@ def recoveries(after: dict[str, Any], unlearned: dict[str, Any], target: dict[st
         if out[name] is None and a is not None and u is not None:
             if target is None:
                 notes.append(f"{what}: no target reference, so no recovery figure")
-            elif t is not None and abs(t - u) < RECOVERY_EPS:
-                notes.append(f"{what}: {name} of the target and of the starting model differ by less than "
-                             f"{RECOVERY_EPS:g}; recovery undefined")
+            elif t is not None and math.isfinite(t) and math.isfinite(u) and gap_too_small(u, t):
+                notes.append(f"{what}: {name} of the target ({t:.6g}) and of the starting model ({u:.6g}) differ by "
+                             f"{abs(t - u):.2g}: gap too small to measure, recovery undefined")
     # One note per cause is enough.
     notes[:] = list(dict.fromkeys(notes))
     return out

@@ -47,7 +47,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from soul.attack.metrics import METRICS, RECOVERY_EPS, recoveries
+from soul.attack.metrics import METRICS, RECOVERY_EPS, RECOVERY_REL_EPS, gap_too_small, recoveries
 
 ATTACKS = ("relearn", "quantize", "paraphrase")
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -358,6 +358,7 @@ def run_attacks(model, tokenizer=None, *, attacks_cfg, data, forget_split: str =
         "tool": TOOL, "version": __version__, "model": source, "forget_split": forget_split, "n_forget": len(forget),
         "data_sha256": hashlib.sha256(json.dumps(forget, sort_keys=True).encode()).hexdigest(),
         "config": cfg, "eval": plan.eval_opts, "recovery_eps": RECOVERY_EPS,
+        "recovery_rel_eps": RECOVERY_REL_EPS,
         "references": reference_results.get("describe") or {"target": None, "retain": None}}}
     if "relearn" in mine:
         result["relearn"] = _relearn_result(plan, mine["relearn"], target.get("relearn"), retain.get("relearn"))
@@ -405,7 +406,8 @@ def _quantize_result(plan: _Plan, mine: dict, target: dict | None) -> dict[str, 
                 shift[m] = None
                 continue
             gap = abs(ref["before"][m] - run["before"][m])
-            shift[m] = abs(ref["after"][m] - ref["before"][m]) / gap if gap >= RECOVERY_EPS else None
+            shift[m] = (None if gap_too_small(run["before"][m], ref["before"][m])
+                        else abs(ref["after"][m] - ref["before"][m]) / gap)
         models = {"unlearned": {"before": run["before"], "after": run["after"]}}
         if ref is not None:
             models["target"] = {"before": ref["before"], "after": ref["after"]}

@@ -28,17 +28,21 @@ def _optional_split(load_split, data: str, name: str | None) -> list[dict] | Non
         return None
 
 
-def _weights_fingerprint(model_path: str) -> list[Any]:
+def _weights_fingerprint(model_path: str) -> str:
+    """The content hash of a local model directory (`soul.safety.fingerprint_files`: names, sizes and bytes),
+    so weights replaced by others of the same size and modification time are told apart; a hub id's name."""
+    from soul.safety import fingerprint_files
+
     p = Path(model_path)
     if not p.is_dir():
-        return [model_path]  # a hub id: its name is all we know
-    return sorted([f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in p.iterdir()
-                  if f.suffix in (".safetensors", ".bin", ".json"))
+        return f"hub:{model_path}"  # a hub id: its name is all we know
+    return fingerprint_files(p)
 
 
 def cached_reference(retain_model: str, forget: list[dict], holdout: list[dict] | None, *, prompt_format: str,
                      batch_size: int, min_k: float, dtype: str | None, device: str,
-                     mixed_precision: str = "no") -> tuple[dict, Path]:
+                     mixed_precision: str = "no", max_length: int | None = None,
+                     sources: dict[str, Any] | None = None) -> tuple[dict, Path]:
     """The retain model's reference statistics, computed once per (model weights, data, settings) and cached
     under ``<soul cache>/eval/`` so every later evaluation against the same retain model reuses them (in the
     evaluated model's precision: truth ratios under bf16 autocast differ from fp32 ones by ~1 %)."""
@@ -49,14 +53,15 @@ def cached_reference(retain_model: str, forget: list[dict], holdout: list[dict] 
     path = resolve_model_path(retain_model)
     key = hashlib.sha256(json.dumps(
         {"model": path, "weights": _weights_fingerprint(path), "forget": forget, "holdout": holdout,
-         "prompt_format": prompt_format, "min_k": min_k, "dtype": dtype, "mixed_precision": mixed_precision},
-        sort_keys=True).encode()).hexdigest()[:20]
+         "prompt_format": prompt_format, "min_k": min_k, "dtype": dtype, "mixed_precision": mixed_precision,
+         "max_length": max_length}, sort_keys=True).encode()).hexdigest()[:20]
     target = cache_dir() / "eval" / f"reference-{key}.json"
     if target.is_file():
         return load_results(target), target
     model, tokenizer = load_model(path, dtype=dtype, device=device)
     ref = reference_stats(model, tokenizer, forget, holdout, prompt_format=prompt_format, batch_size=batch_size,
-                          min_k=min_k, mixed_precision=mixed_precision, out=target)
+                          min_k=min_k, mixed_precision=mixed_precision, max_length=max_length, sources=sources,
+                          out=target)
     return ref, target
 
 
@@ -65,17 +70,74 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise CLIError("--out is required (the results JSON to write)")
-    from soul.safety import check_output_file, clean_leftovers, dir_lock, require_number
+    from soul.safety import clean_leftovers, dir_lock, require_number
 
     for option, low, high, integer in (("batch_size", 1, None, True), ("max_new_tokens", 1, None, True),
                                        ("min_k", 0, 1, False), ("lm_eval_limit", 0, None, False),
-                                       ("generation_batch_size", 1, None, True)):
+                                       ("generation_batch_size", 1, None, True), ("max_length", 2, None, True)):
         require_number(getattr(args, option), f"--{option.replace('_', '-')}", low=low, high=high, integer=integer,
-                       allow_none=option in ("lm_eval_limit", "generation_batch_size"))
-    out = check_output_file(args.out, inputs=[args.model, args.data, args.retain_model, args.retain_results])
+                       allow_none=option in ("lm_eval_limit", "generation_batch_size", "max_length"))
+    out = _check_outputs(args)
     with dir_lock(out):
         clean_leftovers(out)
         return _evaluate(args, out)
+
+
+def _check_outputs(args: argparse.Namespace) -> Path:
+    """Every file `soul eval` will write — --out, the open-unlearning files, the tracker directory — checked
+    before any data or model is loaded (a bad --open-unlearning-dir used to fail after the whole evaluation);
+    returns the resolved --out."""
+    from soul.errors import OutputError
+    from soul.safety import check_output_file, check_writable
+
+    inputs = [args.model, args.data, args.retain_model, args.retain_results]
+    out = check_output_file(args.out, inputs=inputs)
+    if args.open_unlearning_dir:
+        from soul.eval.interop import OU_EVAL_NAME, OU_SUMMARY_NAME
+
+        folder = Path(args.open_unlearning_dir).expanduser().resolve()
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"--open-unlearning-dir {folder}: exists and is not a directory")
+        for name in (OU_EVAL_NAME, OU_SUMMARY_NAME):
+            if check_output_file(folder / name, inputs=inputs, option="--open-unlearning-dir") == out:
+                raise OutputError(f"--open-unlearning-dir {folder}: its {name} would replace --out {out}")
+    if args.report_to:
+        trackers = Path(args.tracker_dir or out.parent / "trackers").expanduser()
+        if trackers.exists() and not trackers.is_dir():
+            raise OutputError(f"--tracker-dir {trackers}: exists and is not a directory")
+        check_writable(trackers, "--tracker-dir")
+    return out
+
+
+def _source_places(data: str, names: dict[str, str]) -> dict[str, Any]:
+    """Split key -> where its records came from (the split's file for a directory of split files)."""
+    from soul.train.lengths import data_label
+
+    info = {key: {"source": data, "split": name} for key, name in names.items()}
+    return {key: data_label(info, key) for key in names}
+
+
+def _check_lengths_early(args: argparse.Namespace, splits: dict[str, list[dict]], holdout: list[dict] | None,
+                         sources: dict[str, Any]) -> None:
+    """The length guard of `soul.eval.tofu.evaluate` with only the model's tokenizer and config, so a record
+    longer than the context is refused before any model is loaded (evaluate checks again before scoring)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from soul.eval.tofu import check_lengths
+    from soul.models import resolve_model_path
+    from soul.train.lengths import model_context
+
+    path = resolve_model_path(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):  # e.g. remote code: loading the model itself will say what is wrong
+        return
+    context = model_context(SimpleNamespace(config=config), tokenizer)
+    check_lengths(tokenizer, splits, holdout=holdout, context=context, prompt_format=args.prompt_format,
+                  max_length=args.max_length, sources=sources)
 
 
 def _evaluate(args: argparse.Namespace, out: Path) -> int:
@@ -113,6 +175,10 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
         if records is not None:
             splits[role] = records
     holdout = None if args.no_holdout else _optional_split(load_split, args.data, holdout_name)
+    names = {"forget": forget_name, "retain": args.retain_split, "real_authors": "real_authors_perturbed",
+             "world_facts": "world_facts_perturbed", "holdout": holdout_name}
+    sources = _source_places(args.data, {k: v for k, v in names.items() if v and (k in splits or k == "holdout")})
+    _check_lengths_early(args, splits, holdout, sources)
 
     reference: Any = None
     if args.retain_results:
@@ -127,13 +193,16 @@ def _evaluate(args: argparse.Namespace, out: Path) -> int:
     if args.retain_model:
         reference, where = cached_reference(args.retain_model, forget, holdout, prompt_format=args.prompt_format,
                                             batch_size=args.batch_size, min_k=args.min_k, dtype=args.dtype,
-                                            device=args.device, mixed_precision=args.mixed_precision)
+                                            device=args.device, mixed_precision=args.mixed_precision,
+                                            max_length=args.max_length,
+                                            sources={k: sources[k] for k in ("forget", "holdout") if k in sources})
         print(f"soul eval: retain reference {where}", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     results = evaluate(model, tokenizer, splits, retain_reference=reference, holdout=holdout,
                        prompt_format=args.prompt_format, batch_size=args.batch_size,
                        generation_batch_size=args.generation_batch_size,
-                       max_new_tokens=args.max_new_tokens, min_k=args.min_k, mixed_precision=args.mixed_precision)
+                       max_new_tokens=args.max_new_tokens, min_k=args.min_k, mixed_precision=args.mixed_precision,
+                       max_length=args.max_length, sources=sources)
     results["meta"].update({"model": str(args.model), "data": str(args.data), "forget_split": forget_name})
     if args.retain_results:
         results["meta"]["retain_reference"] = str(args.retain_results)
@@ -188,6 +257,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="rows per greedy decoding step (default: 2 × --batch-size)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"])
+    p.add_argument("--max-length", type=int, default=None,
+                   help="cut answers so question + answer fit this many tokens (at most the model's context), as "
+                   "training's --max-length; without it a record longer than the context is an error")
     p.add_argument("--min-k", type=float, default=0.4, help="fraction k of Min-K%% and Min-K%%++")
     p.add_argument("--no-holdout", action="store_true", help="skip MIA (no holdout set)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")

@@ -71,6 +71,8 @@ def _number(value: Any, where: str, key: str, idx: str) -> float:
 def tofu_truth_ratios(log: Mapping[str, Any], where: str = "TOFU eval log") -> dict[str, float]:
     """Per-question TR = exp(L_para − mean_j L_pert[j]) from a TOFU ``eval_log_forget.json`` (module docstring);
     its stored ``truth_ratio`` when the losses are absent."""
+    from soul.eval.metrics import saturating_exp  # imports torch (via soul.eval.scoring): only when needed
+
     if TOFU_PARA_KEY in log and TOFU_PERT_KEY in log:
         para = _by_index(log[TOFU_PARA_KEY], where, TOFU_PARA_KEY)
         pert = _by_index(log[TOFU_PERT_KEY], where, TOFU_PERT_KEY)
@@ -83,7 +85,8 @@ def tofu_truth_ratios(log: Mapping[str, Any], where: str = "TOFU eval log") -> d
             if not isinstance(losses, Sequence) or isinstance(losses, str) or not losses:
                 raise ValueError(f"{where}: {TOFU_PERT_KEY}[{idx!r}] must be a non-empty list of losses")
             mean_pert = sum(_number(x, where, TOFU_PERT_KEY, idx) for x in losses) / len(losses)
-            out[idx] = math.exp(_number(para[idx], where, TOFU_PARA_KEY, idx) - mean_pert)
+            # saturating: a loss gap beyond 709 nats would overflow exp() (soul.eval.metrics.saturating_exp)
+            out[idx] = saturating_exp(_number(para[idx], where, TOFU_PARA_KEY, idx) - mean_pert)
         return out
     if TOFU_TR_KEY in log:
         return {idx: _number(v, where, TOFU_TR_KEY, idx)

@@ -19,10 +19,33 @@ def probability(stats: TokenStats) -> float:
     return math.exp(-stats.mean_nll)
 
 
+# exp() of more than this overflows a float (e^709.78 is the largest double): saturating exponentials stop here.
+MAX_EXP = 709.0
+
+
+def saturating_exp(x: float) -> float:
+    """exp(x), saturating at e^709 ≈ 8e307 instead of raising OverflowError (an NLL gap of more than 709 nats,
+    e.g. a model that gives an answer probability ~0). Below it underflows to 0.0 as exp does. Monotone, so
+    a rank statistic (the KS test of forget quality) on saturated values ties only beyond e^709."""
+    return math.exp(min(x, MAX_EXP))
+
+
 def normalised_probability(correct: TokenStats, perturbed: Sequence[TokenStats]) -> float:
-    """Real-world sets: p_c / (p_c + Σ_j p_j), every p the length-normalised probability exp(−NLL)."""
-    p_c = probability(correct)
-    return p_c / (p_c + sum(probability(s) for s in perturbed))
+    """Real-world sets: p_c / (p_c + Σ_j p_j), every p the length-normalised probability exp(−NLL).
+
+    Computed as a softmax over the −NLLs (shifted by their maximum), so answers with probabilities that
+    underflow to 0 (NLL > 745) neither divide by zero nor lose the ratio."""
+    logits = [-correct.mean_nll, *(-s.mean_nll for s in perturbed)]
+    top = max(logits)
+    weights = [math.exp(v - top) for v in logits]
+    return weights[0] / sum(weights)
+
+
+def log_truth_ratio(correct: TokenStats, perturbed: Sequence[TokenStats]) -> float:
+    """log TR = NLL(correct) − mean_j NLL(perturbed_j) (see `truth_ratio`); finite whenever the NLLs are."""
+    if not perturbed:
+        raise ValueError("truth ratio needs at least one perturbed answer")
+    return correct.mean_nll - sum(s.mean_nll for s in perturbed) / len(perturbed)
 
 
 def truth_ratio(correct: TokenStats, perturbed: Sequence[TokenStats]) -> float:
@@ -30,17 +53,24 @@ def truth_ratio(correct: TokenStats, perturbed: Sequence[TokenStats]) -> float:
 
     p_false = exp(−mean_j NLL(perturbed_j)) (geometric mean of the perturbed answers' length-normalised
     probabilities) and p_true = exp(−NLL(correct)). Computed in log space:
-    TR = exp(NLL(correct) − mean_j NLL(perturbed_j)).
+    TR = exp(NLL(correct) − mean_j NLL(perturbed_j)), saturating at e^709 (`saturating_exp`) rather than
+    overflowing; it underflows to 0.0 below e^−745. The per-question statistics take the log
+    (`truth_ratio_forget_stat_log`), which is exact at both ends.
     """
-    if not perturbed:
-        raise ValueError("truth ratio needs at least one perturbed answer")
-    mean_false = sum(s.mean_nll for s in perturbed) / len(perturbed)
-    return math.exp(correct.mean_nll - mean_false)
+    return saturating_exp(log_truth_ratio(correct, perturbed))
 
 
 def truth_ratio_forget_stat(tr: float) -> float:
-    """Forget split: min(TR, 1/TR) — 1 when the model cannot tell true from false, lower either way."""
+    """Forget split: min(TR, 1/TR) — 1 when the model cannot tell true from false, lower either way (0 for
+    TR = 0 or inf, the limits, instead of dividing by zero)."""
+    if tr <= 0.0 or math.isinf(tr):
+        return 0.0
     return min(tr, 1.0 / tr)
+
+
+def truth_ratio_forget_stat_log(log_tr: float) -> float:
+    """`truth_ratio_forget_stat` of TR = exp(log_tr): min(TR, 1/TR) = exp(−|log TR|), with no overflow."""
+    return math.exp(-abs(log_tr))
 
 
 def truth_ratio_retain_stat(tr: float) -> float:
@@ -171,7 +201,19 @@ def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> fl
 
 
 def privleak(auc_model: float, auc_retain: float) -> float:
-    """MUSE PrivLeak = (AUC_model − AUC_retain) / AUC_retain × 100 (0 = leaks like the retain model)."""
-    if auc_retain <= 0:
-        raise ValueError(f"PrivLeak needs a positive retain-model AUC, got {auc_retain}")
+    """MUSE PrivLeak = (AUC_model − AUC_retain) / AUC_retain × 100 (0 = leaks like the retain model).
+
+    NaN when the retain model's AUC is 0 (or not a number): the relative leak is undefined there (every
+    forget answer ranked below every holdout one, possible on a few questions), and one undefined figure must
+    not abort an evaluation whose other metrics are fine; `PRIVLEAK_UNDEFINED` says why. An AUC outside
+    [0, 1] is not an AUC: ValueError."""
+    for name, value in (("model", auc_model), ("retain-model", auc_retain)):
+        if math.isfinite(value) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"PrivLeak: the {name} AUC must be in [0, 1], got {value}")
+    if not (math.isfinite(auc_retain) and math.isfinite(auc_model)) or auc_retain == 0.0:
+        return math.nan
     return (auc_model - auc_retain) / auc_retain * 100.0
+
+
+PRIVLEAK_UNDEFINED = ("undefined: the retain model's MIA AUC is 0 (it ranks every forget answer below every "
+                      "holdout one), and PrivLeak is relative to it")

@@ -12,7 +12,8 @@ the real-world utility sets; ``holdout*`` the never-trained set (non-members for
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from soul.data.format import answer_ids, prompt_ids, resolve_format
@@ -77,12 +78,14 @@ def _perturbed_hint(role: str) -> str:
 
 
 class _Pool:
-    """Sequences to score, de-duplicated, each remembered by a key (role, idx, kind, j)."""
+    """Sequences to score, each remembered by a key (role, idx, kind, j); with `max_length`, answers cut at
+    the end to fit (as `soul.data.format.encode_qa` does for training), the cut ones kept in `truncated`."""
 
-    def __init__(self, tokenizer, prompt_format: str) -> None:
-        self.tokenizer, self.prompt_format = tokenizer, prompt_format
+    def __init__(self, tokenizer, prompt_format: str, max_length: int | None = None) -> None:
+        self.tokenizer, self.prompt_format, self.max_length = tokenizer, prompt_format, max_length
         self.features: list[dict[str, list[int]]] = []
         self.where: dict[tuple, int] = {}
+        self.truncated: dict[tuple, int] = {}  # key -> untruncated length
         self._prompts: dict[str, list[int]] = {}
 
     def prompt(self, question: str) -> list[int]:
@@ -94,8 +97,114 @@ class _Pool:
         # prompt + answer exactly as `soul.data.format.encode_qa` builds it for training (no truncation).
         p = self.prompt(question)
         a = answer_ids(self.tokenizer, answer, self.prompt_format)
+        if self.max_length is not None and len(p) + len(a) > self.max_length:
+            self.truncated[key] = len(p) + len(a)
+            a = a[:max(1, self.max_length - len(p))]  # at least one answer token, as encode_qa
         self.where[key] = len(self.features)
         self.features.append({"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a})
+
+
+_FIELDS = {"answer": "answer", "para": "paraphrased_answer", "pert": "perturbed_answer"}
+
+
+def _places(names: Sequence[str], sources: Mapping[str, str] | None) -> dict[str, Any]:
+    """Split name -> a `soul.train.lengths.DataPlace` naming where its records came from (the split's file
+    when `sources` gives it, else ``split 'NAME'``)."""
+    from soul.train.lengths import DataPlace
+
+    out = {}
+    for name in names:
+        given = (sources or {}).get(name)
+        out[name] = given if isinstance(given, DataPlace) else DataPlace(given or f"split {name!r}")
+    return out
+
+
+def _length_guard(pool: _Pool, roles: dict[str, tuple[str, Sequence[Record]]], places: dict[str, Any],
+                  context: int | None, max_length: int | None, *, warn: bool = True) -> None:
+    """Nothing longer than the model's context reaches a forward pass — the rule of training
+    (`soul.train.lengths`): without `max_length` a question + answer longer than `context` is an error
+    naming its file, record and field; with it (at most `context`) answers were cut to fit (`_Pool`) and one
+    warning per split names the records."""
+    if max_length is not None and context is not None and max_length > context:
+        raise ValueError(f"option 'max_length' is {max_length}, more than the model's context of {context} tokens")
+    limit = max_length or context
+    if limit is None:
+        return
+    role_of_name = {role: name for role, (name, _) in roles.items()}
+    too_long = [(key, len(pool.features[idx]["input_ids"])) for key, idx in pool.where.items()
+                if len(pool.features[idx]["input_ids"]) > limit]
+    if too_long:
+        (role, i, kind, j), n = too_long[0]
+        place = places[role_of_name[role]].record(i)
+        field = _FIELDS[kind] + (f"[{j}]" if kind == "pert" else "")
+        if max_length is not None:  # only a prompt that fills max_length on its own still does not fit
+            raise ValueError(f"{place}: its prompt alone is longer than max_length={limit} tokens")
+        more = f" ({len(too_long)} answers are)" if len(too_long) > 1 else ""
+        raise ValueError(f"{place}: question + {field} is {n} tokens long, more than the model's context of "
+                         f"{limit}{more}; shorten it or set max_length (soul eval --max-length) to truncate answers")
+    if not warn:
+        return
+    by_role: dict[str, list[int]] = {}
+    for role, i, _, _ in pool.truncated:
+        by_role.setdefault(role, [])
+        if i not in by_role[role]:
+            by_role[role].append(i)
+    for role, rows in by_role.items():
+        shown = ", ".join(str(i) for i in rows[:10]) + (" …" if len(rows) > 10 else "")
+        print(f"soul: warning: {places[role_of_name[role]]}: truncated answers of {len(rows)} record(s) to "
+              f"max_length={limit} tokens (records {shown})", file=sys.stderr)
+
+
+def _roles(splits: Mapping[str, Sequence[Record]], holdout: Sequence[Record] | None,
+           forget_split_name: str) -> dict[str, tuple[str, Sequence[Record]]]:
+    roles: dict[str, tuple[str, Sequence[Record]]] = {}
+    named = dict(splits)
+    if holdout is not None:
+        named.setdefault("holdout", holdout)
+    for name, records in named.items():
+        role = split_role(name, forget_split_name)
+        if role in roles:
+            raise ValueError(f"splits {roles[role][0]!r} and {name!r} both have the role {role!r}")
+        _check_records(role, name, records)
+        roles[role] = (name, records)
+    return roles
+
+
+def _fill_pool(pool: _Pool, roles: dict[str, tuple[str, Sequence[Record]]]) -> _Pool:
+    for role, (_, records) in roles.items():
+        for i, r in enumerate(records):
+            pool.add((role, i, "answer", 0), r["question"], r["answer"])
+            if role in ("forget", "retain"):
+                pool.add((role, i, "para", 0), r["question"], r["paraphrased_answer"])
+            if role != "holdout":
+                for j, p in enumerate(r["perturbed_answer"]):
+                    pool.add((role, i, "pert", j), r["question"], p)
+    return pool
+
+
+def check_lengths(tokenizer, splits: Mapping[str, Sequence[Record]], *, context: int | None,
+                  holdout: Sequence[Record] | None = None, prompt_format: str = "auto", max_length: int | None = None,
+                  sources: Mapping[str, str] | None = None, forget_split_name: str = "forget") -> None:
+    """The checks `evaluate` makes before scoring (records well-formed, none longer than `context` tokens
+    unless `max_length` truncates), with only a tokenizer: `soul eval` runs them before loading any model."""
+    roles = _roles(splits, holdout, forget_split_name)
+    pool = _fill_pool(_Pool(tokenizer, resolve_format(tokenizer, prompt_format), max_length), roles)
+    # no warning here: `evaluate` warns when it truncates
+    _length_guard(pool, roles, _places([name for name, _ in roles.values()], sources), context, max_length, warn=False)
+
+
+def _generation_budget(prompts: Sequence[list[int]], max_new_tokens: int, context: int | None) -> int:
+    """`max_new_tokens`, lowered (with a warning) so that the longest prompt plus its generation fits the
+    model's context: past it a model with learned positions fails with an IndexError."""
+    if context is None or not prompts:
+        return max_new_tokens
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens <= context:
+        return max_new_tokens
+    budget = max(1, context - longest)
+    print(f"soul: warning: generating at most {budget} new tokens instead of {max_new_tokens}: the longest prompt "
+          f"({longest} tokens) plus {max_new_tokens} exceeds the model's context of {context}", file=sys.stderr)
+    return budget
 
 
 def _metric(values: dict[str, dict[str, Any]], agg: float | None, **extra: Any) -> dict[str, Any]:
@@ -122,6 +231,8 @@ def evaluate(
     generate: bool = True,
     implementation: str = "batched",
     mixed_precision: str = "no",
+    max_length: int | None = None,
+    sources: Mapping[str, str] | None = None,
     out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on TOFU-style `splits` and return (and, with `out`, atomically write) the results.
@@ -159,35 +270,27 @@ def evaluate(
     generations were unchanged. Compare only models evaluated in the same precision — the retain reference
     included; the precision is recorded in ``meta``.
 
+    No sequence longer than the model's context is scored (`soul.train.lengths`, as in training): a longer
+    question + answer is a ValueError naming its record (its file, when `sources` maps the split's name to
+    it), before any forward pass; with `max_length` (at most the context) answers are cut at the end to fit,
+    with a warning. Generation stops where the longest prompt reaches the context.
+
     `implementation` is "batched" (fast: prompts shared across answers, batched greedy loop), "batched_plain"
     (batches without prompt sharing) or "reference" (one sequence at a time; the test oracle).
     """
+    from soul.train.lengths import model_context
+
     score_fn, generate_fn = get_implementation(implementation)
     requested_precision = mixed_precision
     mixed_precision, precision_reason = resolve_eval_precision(model, mixed_precision)
     gen_batch = generation_batch_size or 2 * batch_size
     fmt = resolve_format(tokenizer, prompt_format)
-    roles: dict[str, tuple[str, Sequence[Record]]] = {}
-    named = dict(splits)
-    if holdout is not None:
-        named.setdefault("holdout", holdout)
-    for name, records in named.items():
-        role = split_role(name, forget_split_name)
-        if role in roles:
-            raise ValueError(f"splits {roles[role][0]!r} and {name!r} both have the role {role!r}")
-        _check_records(role, name, records)
-        roles[role] = (name, records)
+    roles = _roles(splits, holdout, forget_split_name)
     reference = load_reference(retain_reference) if retain_reference is not None else None
 
-    pool = _Pool(tokenizer, fmt)
-    for role, (_, records) in roles.items():
-        for i, r in enumerate(records):
-            pool.add((role, i, "answer", 0), r["question"], r["answer"])
-            if role in ("forget", "retain"):
-                pool.add((role, i, "para", 0), r["question"], r["paraphrased_answer"])
-            if role != "holdout":
-                for j, p in enumerate(r["perturbed_answer"]):
-                    pool.add((role, i, "pert", j), r["question"], p)
+    pool = _fill_pool(_Pool(tokenizer, fmt, max_length), roles)
+    context = model_context(model, tokenizer)
+    _length_guard(pool, roles, _places([name for name, _ in roles.values()], sources), context, max_length)
     with eval_autocast(model, mixed_precision):
         stats = score_fn(model, pool.features, tokenizer.pad_token_id, batch_size=batch_size)
 
@@ -198,6 +301,7 @@ def evaluate(
     if generate:
         gen_keys = [(role, i) for role in roles if role != "holdout" for i in range(len(roles[role][1]))]
         prompts = [pool.prompt(roles[role][1][i]["question"]) for role, i in gen_keys]
+        max_new_tokens = _generation_budget(prompts, max_new_tokens, context)
         with eval_autocast(model, mixed_precision):
             texts = generate_fn(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=gen_batch)
         gens = dict(zip(gen_keys, texts))
@@ -218,6 +322,7 @@ def evaluate(
         "prompt_format": fmt, "max_new_tokens": max_new_tokens, "min_k": min_k, "implementation": implementation,
         "batch_size": batch_size, "generation_batch_size": gen_batch, "mixed_precision": mixed_precision,
         "mixed_precision_requested": requested_precision, "mixed_precision_reason": precision_reason,
+        "max_length": max_length,
         "splits": {role: {"name": name, "n": len(recs)} for role, (name, recs) in roles.items()},
         "retain_reference": str(retain_reference) if isinstance(retain_reference, str | os.PathLike)
         else ("dict" if reference is not None else None),
@@ -230,7 +335,6 @@ def evaluate(
 
 def _qa_metrics(role: str, records: Sequence[Record], get, gens: dict | None) -> dict[str, Any]:
     prob, tr, rouge = {}, {}, {}
-    stat = M.truth_ratio_forget_stat if role == "forget" else M.truth_ratio_retain_stat
     for i, r in enumerate(records):
         key = str(i)
         ans = get(role, i, "answer")
@@ -241,9 +345,13 @@ def _qa_metrics(role: str, records: Sequence[Record], get, gens: dict | None) ->
         else:
             prob[key] = {"prob": M.normalised_probability(ans, pert), "p_correct": M.probability(ans)}
             correct = ans
-        ratio = M.truth_ratio(correct, pert)
-        tr[key] = {"score": ratio, "stat": stat(ratio), "p_true": M.probability(correct),
-                   "p_false": ratio * M.probability(correct)}
+        # In log space: an NLL gap beyond ±709 would overflow exp() or make min(TR, 1/TR) divide by zero.
+        log_ratio = M.log_truth_ratio(correct, pert)
+        ratio = M.saturating_exp(log_ratio)
+        value = (M.truth_ratio_forget_stat_log(log_ratio) if role == "forget"
+                 else M.truth_ratio_retain_stat(ratio))
+        tr[key] = {"score": ratio, "stat": value, "p_true": M.probability(correct),
+                   "p_false": M.saturating_exp(log_ratio - correct.mean_nll)}
         if gens is not None:
             g = gens[(role, i)]
             rouge[key] = {"rougeL_recall": M.rouge_l_recall(g, r["answer"]), "question": r["question"],
@@ -309,8 +417,10 @@ def _privleak(results: dict[str, Any], reference: dict[str, Any] | None) -> None
         results["privleak"] = _metric({}, None, note="needs a retain reference with mia_min_k (evaluated with "
                                       "a holdout set)")
         return
-    results["privleak"] = _metric({}, M.privleak(results["mia_min_k"]["agg_value"], ref_auc),
-                                  auc_model=results["mia_min_k"]["agg_value"], auc_retain=ref_auc)
+    value = M.privleak(results["mia_min_k"]["agg_value"], ref_auc)
+    extra = {"note": M.PRIVLEAK_UNDEFINED} if value != value else {}  # NaN: stored as null, with the reason
+    results["privleak"] = _metric({}, None if extra else value, auc_model=results["mia_min_k"]["agg_value"],
+                                  auc_retain=ref_auc, **extra)
 
 
 def reference_stats(model, tokenizer, forget: Sequence[Record], holdout: Sequence[Record] | None = None, *,

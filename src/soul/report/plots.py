@@ -9,11 +9,13 @@ PNG bytes so the caller writes them atomically and embeds them in report.html.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -25,6 +27,21 @@ ORDER_MARKER = {"FO": "o", "SO": "^", "sign": "s"}
 PALETTE = ["tab:blue", "tab:orange", "tab:cyan", "tab:brown", "tab:pink", "tab:olive", "tab:gray"]
 # Forget quality is a p-value that can underflow to 0; log axes need a positive floor.
 FQ_FLOOR = 1e-12
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def literal_text(draw: F) -> F:
+    """Run `draw` with matplotlib's mathtext off: labels come from user data (method labels, preset entry
+    names), and text between two ``$`` in one was parsed as TeX math — ``$x^$`` or ``$\\foo$`` made `soul report`
+    fail and write nothing. Text objects read ``text.parse_math`` when created, so it must be off while the figure is built."""
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _png(fig: Figure) -> bytes:
@@ -47,6 +64,7 @@ def _fq(v: float) -> float:
     return max(float(v), FQ_FLOOR)
 
 
+@literal_text
 def fq_mu_scatter(rows: Sequence[dict[str, Any]], title: str = "Forget quality vs model utility") -> bytes:
     """Scatter of the table rows: x = model utility, y = forget quality (log). Rows missing either are
     skipped. Colour = objective, marker = optimizer order (○ first order, △ second order, □ sign); the
@@ -86,6 +104,7 @@ def fq_mu_scatter(rows: Sequence[dict[str, Any]], title: str = "Forget quality v
     return _png(fig)
 
 
+@literal_text
 def loss_curves(runs: Sequence[dict[str, Any]]) -> bytes | None:
     """One panel per objective with the per-step training loss of each optimizer (solid = first order,
     dashed = second order, dotted = sign); every seed is drawn, in one colour per optimizer, so the spread
@@ -121,6 +140,7 @@ def loss_curves(runs: Sequence[dict[str, Any]]) -> bytes | None:
     return _png(fig)
 
 
+@literal_text
 def metric_bars(rows: Sequence[dict[str, Any]]) -> bytes:
     """A grid of bar charts, one per table column, one bar per model (forget quality on a log axis), with
     ± std error bars for rows averaged over seeds."""
@@ -159,6 +179,7 @@ def metric_bars(rows: Sequence[dict[str, Any]]) -> bytes:
     return _png(fig)
 
 
+@literal_text
 def pareto_plot(points: Sequence[dict[str, Any]], target_utility: float | None = None,
                 retain: dict[str, float] | None = None, fraction: float = 0.95,
                 best: dict[str, int | None] | None = None) -> bytes:

@@ -221,11 +221,30 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def _has_entry(run: dict[str, Any], col: Column) -> bool:
+    """Whether `run` records column `col` at all (with any value, null included)."""
+    if col.group == ROBUSTNESS:
+        return col.key in (run.get("attacks") or {})
+    if col.diagnostic:
+        return col.diagnostic in (run.get("diagnostics") or {})
+    if col.key == "wall_time_s":
+        return "wall_time_s" in run
+    metrics = run.get("metrics") or {}
+    return any((isinstance(metrics.get(m), dict) and col.field in metrics[m]) or isinstance(metrics.get(m), int | float)
+               for m in col.metrics)
+
+
+def _run_name(run: dict[str, Any]) -> str:
+    return f"seed {run['seed']}" if run.get("seed") is not None else str(run.get("name") or run_label(run))
+
+
 def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per setting (the runs of every seed of one group; order of `ordered_runs`): ``{"name" (the
     group), "label", "role", "objective", "optimizer", "optimizer_type", "seeds", "runs" (run names), "n"
-    (runs), "values": {<column key>: {"mean", "std" (sample, n − 1; None below 2 values), "n"}}}``. Missing
-    values are left out (their column's ``n`` is smaller)."""
+    (runs), "values": {<column key>: {"mean", "std" (sample, n − 1; None below 2 values), "n"[, "missing"]}}}``.
+    Missing values — null in a results file, or NaN/inf — are left out: a column's ``n`` counts the finite
+    values only, and ``missing`` (only when some are) names the runs (their seeds, when recorded) whose
+    entry held null or NaN."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in ordered_runs(results):
         groups.setdefault(run_group(run), []).append(run)
@@ -240,24 +259,51 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
                                  "seeds": [r.get("seed") for r in runs if r.get("seed") is not None],
                                  "runs": [r.get("name") for r in runs], "n": len(runs), "values": {}}
         for col in VALUE_COLUMNS:
-            values = [v for v in (column_value(r, col) for r in runs) if v is not None]
+            per_run = [column_value(r, col) for r in runs]
+            values = [v for v in per_run if v is not None and math.isfinite(v)]
             mean, std = mean_std(values)
+            # A run without the entry (a metric the preset skipped, an attack run on fewer seeds) is not
+            # "missing", nor are the nulls of a column no seed has (AdamW's clip fraction); a NaN/inf, or a
+            # null where other seeds have a number (an undefined or diverged metric), is.
+            missing = [f"{_run_name(r)} ({'null' if v is None else v})" for r, v in zip(runs, per_run)
+                       if _has_entry(r, col) and ((v is not None and not math.isfinite(v)) or (v is None and values))]
             entry["values"][col.key] = {"mean": mean, "std": std, "n": len(values)}
+            if missing:
+                entry["values"][col.key]["missing"] = missing
         out.append(entry)
     return out
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The table: `aggregate` flattened, one row per setting with ``<column key>`` = the mean over seeds,
-    ``<column key>_std`` its standard deviation (None for one seed) and ``<column key>_n`` the number of
-    seeds that have a value (attacks may cover fewer seeds than the runs)."""
+    ``<column key>_std`` its standard deviation (None for one seed), ``<column key>_n`` the number of
+    seeds that have a finite value (attacks may cover fewer seeds than the runs; a NaN metric is stored as
+    null) and, when some seed lacks it, ``<column key>_missing`` naming them."""
     rows = []
     for entry in aggregate(results):
         row = {k: v for k, v in entry.items() if k != "values"}
         for key, stats in entry["values"].items():
             row[key], row[f"{key}_std"], row[f"{key}_n"] = stats["mean"], stats["std"], stats["n"]
+            if stats.get("missing"):
+                row[f"{key}_missing"] = stats["missing"]
         rows.append(row)
     return rows
+
+
+def missing_values(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per (row, column) where some seeds' value was missing (null or NaN), so the mean is over
+    fewer seeds than the row has, e.g. ``GradDiff + Sophia (SO): Forget quality missing (null/NaN) for seed
+    2 (nan); the mean is over 2 of 3 seeds``."""
+    out = []
+    for row in rows:
+        for col in COLUMNS:
+            missing = row.get(f"{col.key}_missing")
+            if missing:
+                n = row.get(f"{col.key}_n", 0)
+                over = f"the mean is over {n} of {row.get('n', 1)} seeds" if n else "no seed has a value"
+                out.append(f"{row['label']}: {col.title} missing (null/NaN) for {', '.join(map(str, missing))}; "
+                           f"{over}")
+    return out
 
 
 def check_row_ranges(rows: list[dict[str, Any]]) -> list[str]:

@@ -30,11 +30,25 @@ MOVED_FURTHER = 1.5  # ratio of total update norms above which the sentence warn
 BEATS, WORSE, MIXED, NO_DIFFERENCE = "beats", "worse", "mixed", "no difference measured"
 
 
+def _n(row: dict[str, Any], key: str) -> int:
+    """Seeds with a finite value of `key` (a seed whose metric was NaN/null does not count)."""
+    return int(row.get(f"{key}_n", row.get("n", 1)))
+
+
 def _interval(row: dict[str, Any], key: str) -> tuple[float, float] | None:
     mean, std = row.get(key), row.get(f"{key}_std")
-    if mean is None or std is None or row.get("n", 1) < 2:
+    if mean is None or std is None or _n(row, key) < 2:
         return None
     return mean - std, mean + std
+
+
+def _missing(row: dict[str, Any], key: str, what: str) -> str:
+    """``; Sophia: forget quality missing (null/NaN) for seed 2`` when a seed of `row` had no value of `key`."""
+    missing = row.get(f"{key}_missing")
+    if not missing:
+        return ""
+    name = row.get("optimizer_label") or row["label"]
+    return f"; {name}: {what} missing (null/NaN) for {', '.join(map(str, missing))}"
 
 
 def _fmt(row: dict[str, Any], key: str) -> str:
@@ -69,7 +83,10 @@ def compare(other: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     sentence = (f"{obj}: {name_o} {phrase} {name_b}{reason}: forget quality "
                 f"{_fmt(other, 'forget_quality')} vs {_fmt(base, 'forget_quality')}, model utility "
                 f"{_fmt(other, 'model_utility')} vs {_fmt(base, 'model_utility')} "
-                f"(n = {other.get('n', 1)} vs {base.get('n', 1)} seeds).")
+                f"(n = {_n(other, 'forget_quality')} vs {_n(base, 'forget_quality')} seeds"
+                + "".join(_missing(r, k, w) for r in (other, base)
+                          for k, w in (("forget_quality", "forget quality"), ("model_utility", "model utility")))
+                + ").")
     if moved:
         sentence += (f" It moved further: total ‖Δθ‖ {tot_o:.3g} vs {tot_b:.3g} ({ratio:.1f}×), so a larger "
                      "effective step may explain the difference.")
@@ -131,8 +148,8 @@ def compare_recovery(other: dict[str, Any], base: dict[str, Any], key: str) -> d
     obj = OBJECTIVE_NAMES.get(str(other.get("objective")), str(other.get("objective")))
     name_o, name_b = (r.get("optimizer_label") or r["label"] for r in (other, base))
     sentence = (f"{obj}: {_attack_name(key)} (prob.) of {name_o} {_fmt(other, key)} vs {name_b} {_fmt(base, key)} "
-                f"(n = {other.get(f'{key}_n', other.get('n', 1))} vs {base.get(f'{key}_n', base.get('n', 1))} seeds): "
-                f"{verdict}{reason}.")
+                f"(n = {_n(other, key)} vs {_n(base, key)} seeds"
+                + "".join(_missing(r, key, "recovery") for r in (other, base)) + f"): {verdict}{reason}.")
     return {"objective": other.get("objective"), "optimizer": other.get("optimizer"),
             "baseline": base.get("optimizer"), "attack": key, "verdict": verdict, "sentence": sentence}
 

@@ -8,6 +8,7 @@ attacked: preset ``attacks:``) and ``report.html`` embedding all of them.
 
 from __future__ import annotations
 
+import math
 import sys
 from html import escape
 from pathlib import Path
@@ -21,6 +22,7 @@ from soul.report.results import (
     METRIC_COLUMNS,
     ROBUSTNESS_COLUMNS,
     check_row_ranges,
+    missing_values,
     optimizer_label,
     reduce_results,
     table_rows,
@@ -72,7 +74,7 @@ def sweep_settings(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "optimizer_type": first.get("optimizer_type") or first.get("optimizer"),
                         "n": len(pts), "seeds": [p["seed"] for p in pts if p.get("seed") is not None]})
         for key in (FQ, MU):
-            values = [float(p[key]) for p in pts if isinstance(p.get(key), int | float)]
+            values = [float(p[key]) for p in pts if isinstance(p.get(key), int | float) and math.isfinite(p[key])]
             setting[key], setting[f"{key}_std"] = mean_std(values)
         settings.append(setting)
     return settings
@@ -175,7 +177,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
     compact = reduce_results(results, n_examples)
     rows = table_rows(compact)
     marks = best_marks(rows, fraction)
-    problems = check_row_ranges(rows)
+    problems = check_row_ranges(rows) + missing_values(rows)
     files: dict[str, Path] = {}
     images: dict[str, bytes] = {}
 
