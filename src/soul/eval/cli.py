@@ -60,19 +60,43 @@ def cached_reference(retain_model: str, forget: list[dict], holdout: list[dict] 
     return ref, target
 
 
+def check_open_unlearning_dir(directory: str, out: Path, inputs: list[str | None]) -> None:
+    """Refuse, before any work, an ``--open-unlearning-dir`` whose files (TOFU_EVAL.json, TOFU_SUMMARY.json)
+    would replace an input (a ``--retain-reference`` file, the model's or the data's files) or the ``--out``
+    file, or that is a link, a file or inside soul's model cache (`soul.safety.check_output_file`)."""
+    from soul.errors import OutputError
+    from soul.eval.interop import OU_EVAL_NAME, OU_SUMMARY_NAME
+    from soul.safety import check_output_file, refuse_link
+
+    option = "--open-unlearning-dir"
+    refuse_link(directory, option)
+    path = Path(directory).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path}: is a file; give a directory for TOFU_EVAL.json and TOFU_SUMMARY.json")
+    for name in (OU_EVAL_NAME, OU_SUMMARY_NAME):
+        target = check_output_file(path / name, inputs=inputs, option=option)
+        if target == out:
+            raise OutputError(f"{option} {path}: its {name} is the --out file; choose another directory or --out")
+
+
 def _run(args: argparse.Namespace) -> int:
     from soul.cli import CLIError
 
     if not args.out:
         raise CLIError("--out is required (the results JSON to write)")
-    from soul.safety import check_output_file, clean_leftovers, dir_lock, require_number
+    from soul.safety import check_not_protected, check_output_file, clean_leftovers, dir_lock, require_number
 
     for option, low, high, integer in (("batch_size", 1, None, True), ("max_new_tokens", 1, None, True),
                                        ("min_k", 0, 1, False), ("lm_eval_limit", 0, None, False),
                                        ("generation_batch_size", 1, None, True)):
         require_number(getattr(args, option), f"--{option.replace('_', '-')}", low=low, high=high, integer=integer,
                        allow_none=option in ("lm_eval_limit", "generation_batch_size"))
-    out = check_output_file(args.out, inputs=[args.model, args.data, args.retain_model, args.retain_results])
+    inputs = [args.model, args.data, args.retain_model, args.retain_results]
+    out = check_output_file(args.out, inputs=inputs)
+    if args.open_unlearning_dir:
+        check_open_unlearning_dir(args.open_unlearning_dir, out, inputs)
+    if args.tracker_dir:
+        check_not_protected(Path(args.tracker_dir).expanduser().resolve(), "--tracker-dir")
     with dir_lock(out):
         clean_leftovers(out)
         return _evaluate(args, out)
