@@ -508,11 +508,11 @@ def mark_output(out: Path, kind: str, *, sync: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if created:
         public_dir_mode(out)
+    marker = out / OUTPUT_MARKER
     if marker_kind(out) is None:
-        from soul.io import write_text_atomic
-
-        # Atomic: a link (or stray file) named like the marker is replaced, never written through.
-        write_text_atomic(out / OUTPUT_MARKER, json.dumps({"soul_output": kind, "pid": os.getpid()}) + "\n")
+        if marker.is_symlink():  # a link named like the marker is removed, never written through
+            marker.unlink()
+        marker.write_text(json.dumps({"soul_output": kind, "pid": os.getpid()}) + "\n")
         if sync:
             fsync_path(out)
 
