@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
 import socket
@@ -18,15 +20,28 @@ from soul.safety import (
     acquire_lock,
     check_output_dir,
     check_output_file,
+    check_report_dir,
     clean_leftovers,
     clean_tiny_tempdirs,
     dir_lock,
     lock_path,
+    mark_output,
+    output_kind,
     process_start,
     release_lock,
 )
 
 HOST = socket.gethostname()
+
+# What every run.json that soul writes holds (soul.train.loop), with the values of a tiny run.
+SOUL_RUN = {"kind": "unlearn", "config": {"lr": 1e-5}, "objective": {"name": "graddiff"}, "input_model": "m",
+            "data": {}, "versions": {"torch": "2"}, "steps": 2, "out_dir": "x"}
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (links not followed), by relative path."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 def dead_pid() -> int:
@@ -153,19 +168,21 @@ def test_clean_leftovers_removes_only_dead_processes_files(tmp_path, live_pid):
     out = tmp_path / "model"
     dead = dead_pid()
     stale = [tmp_path / f".model.final-{dead}", tmp_path / f"..model.final-{dead}.tmp-abc", tmp_path / f".model.old-{dead}",
-             tmp_path / f".model.tmp-{dead}-xyz"]
+             tmp_path / f".model.tmp-{dead}-xyz", tmp_path / f".model.work-{dead}"]
     for d in stale:
         (d / "sub").mkdir(parents=True)
         (d / "sub" / "weights").write_bytes(b"x" * 100)
     (tmp_path / f".model.{dead}.abc.tmp").write_text("half")
     alive = tmp_path / f".model.final-{live_pid}"
     alive.mkdir()
+    (tmp_path / f".model.work-{live_pid}").mkdir()  # a running --overwrite's working directory is kept
     unrelated = [tmp_path / ".model.final-notapid", tmp_path / "model2", tmp_path / f".other.final-{dead}"]
     for d in unrelated:
         d.mkdir()
     removed = clean_leftovers(out)
     assert sorted(removed) == sorted([*stale, tmp_path / f".model.{dead}.abc.tmp"])
     assert alive.exists() and all(d.exists() for d in unrelated)
+    assert (tmp_path / f".model.work-{live_pid}").exists()
 
 
 def test_clean_tiny_tempdirs(tmp_path, live_pid):
@@ -193,13 +210,13 @@ def test_output_dir_rules(tmp_path, monkeypatch):
             check_output_dir(out, inputs=[str(model), str(data)], overwrite=True)
     previous = tmp_path / "previous"
     previous.mkdir()
-    (previous / "run.json").write_text("{}")
+    (previous / "run.json").write_text(json.dumps(SOUL_RUN))
     with pytest.raises(OutputError, match="--overwrite"):
         check_output_dir(previous)
     assert check_output_dir(previous, overwrite=True) == previous.resolve()
     working = tmp_path / "killed"
     working.mkdir()
-    (working / OUTPUT_MARKER).write_text("")
+    mark_output(working, "model")
     assert check_output_dir(working, resume=True) == working.resolve()
     assert check_output_dir(tmp_path / "new" / "dir") == (tmp_path / "new" / "dir").resolve()
     assert not (tmp_path / "new").exists()  # checking writes nothing
@@ -219,3 +236,134 @@ def test_output_file_rules(tmp_path, monkeypatch):
     monkeypatch.setattr("soul.safety.os.access", lambda path, mode: False)  # as a read-only file system says
     with pytest.raises(OutputError, match="not writable"):
         check_output_file(tmp_path / "results.json")
+
+
+# ----------------------------------------------------------------------------------- issue 20, items 1-4, 7
+def test_only_soul_lock_records_count_as_empty(tmp_path, monkeypatch):
+    """Item 1: ``poetry.lock``, an ``x.lock/`` directory, or a ``.x.lock`` that is not a lock record make a
+    directory non-empty for every output check; only soul's ``.NAME.lock`` holding PID and host is ignored."""
+    from soul.data.cli import check_data_dir
+
+    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
+    cases = {"poetry.lock": "[[package]]\nname = 'x'\n", "x.lock": None, ".notes.lock": "my notes\n",
+             ".linked.lock": "link"}
+    for name, content in cases.items():
+        out = tmp_path / name.strip(".").replace(".", "_")
+        out.mkdir()
+        if name == ".linked.lock":  # a link to a lock record is not a lock record
+            (tmp_path / "record").write_text("123\nhost\n")
+            (out / name).symlink_to(tmp_path / "record")
+        elif content is None:
+            (out / name).mkdir()
+            (out / name / "keep.txt").write_text("keep")
+        else:
+            (out / name).write_text(content)
+        before = tree_hash(out)
+        for check, message in ((lambda o: check_output_dir(o, overwrite=True), "not a soul output"),
+                               (check_report_dir, "not a soul report"), (check_data_dir, "not a soul benchmark")):
+            with pytest.raises(OutputError, match=message):
+                check(out)
+        assert tree_hash(out) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".child.lock").write_text(f"{os.getpid()}\nhost\n")  # soul's lock record: the directory is empty
+    assert check_output_dir(empty) == empty.resolve()
+    assert check_report_dir(empty) == empty.resolve()
+    assert check_data_dir(str(empty)) == empty.resolve()
+
+
+@pytest.mark.parametrize("record", [{}, {"kind": "unlearn"}, {**SOUL_RUN, "kind": "train"},
+                                    {**SOUL_RUN, "config": "lr=1"}, [SOUL_RUN], "not json"])
+def test_a_look_alike_run_json_is_not_a_soul_output(tmp_path, record):
+    """Item 2: only a run.json with soul's keys (and kinds) makes a directory replaceable by --overwrite."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(record if isinstance(record, str) else json.dumps(record))
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match=r"run.json was not written by soul .*choose a new directory"):
+        check_output_dir(out, overwrite=True)
+    assert output_kind(out) is None
+    (out / "run.json").write_text(json.dumps(SOUL_RUN))
+    assert check_output_dir(out, overwrite=True) == out.resolve()
+    (out / OUTPUT_MARKER).write_text("I made this\n")  # a marker file soul did not write is not proof either
+    (out / "run.json").unlink()
+    with pytest.raises(OutputError, match="not a soul output"):
+        check_output_dir(out, overwrite=True)
+
+
+def test_a_report_and_a_model_output_never_replace_each_other(tmp_path):
+    """Item 3: the marker names the kind of output; --overwrite (a model) refuses a report directory, and a
+    report refuses a model output; legacy markers keep their kind."""
+    report, model = tmp_path / "report", tmp_path / "model"
+    mark_output(report, "report")
+    (report / "results.json").write_text(json.dumps({"runs": []}))
+    (report / "report.html").write_text("<html></html>")
+    model.mkdir()
+    (model / "run.json").write_text(json.dumps(SOUL_RUN))
+    (model / "model.safetensors").write_bytes(b"w")
+    assert (output_kind(report), output_kind(model)) == ("report", "model")
+    with pytest.raises(OutputError, match="holds a soul report"):
+        check_output_dir(report, overwrite=True)
+    with pytest.raises(OutputError, match="holds a soul model output"):
+        check_report_dir(model)
+    assert check_report_dir(report) == report.resolve()
+    # A killed training run's directory (marker only) is a model output too.
+    killed = tmp_path / "killed"
+    mark_output(killed, "model")
+    with pytest.raises(OutputError, match="holds a soul model output"):
+        check_report_dir(killed)
+    # Markers of earlier soul versions.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / OUTPUT_MARKER).write_text("soul output; pid 12\n")
+    (legacy / "report.html").write_text("<html></html>")
+    with pytest.raises(OutputError, match="holds a soul report"):
+        check_output_dir(legacy, overwrite=True)
+    (legacy / OUTPUT_MARKER).write_text("soul run output; pid 12\n")
+    assert check_output_dir(legacy, overwrite=True) == legacy.resolve()
+
+
+def test_an_output_named_through_a_symbolic_link_is_refused(tmp_path):
+    """Item 4: a link as --out (to a soul output, a report, a results file) is refused, never followed."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "run.json").write_text(json.dumps(SOUL_RUN))
+    (tmp_path / "to_model").symlink_to(model)
+    (tmp_path / "res.json").write_text("{}")
+    (tmp_path / "to_res.json").symlink_to(tmp_path / "res.json")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        check_output_dir(tmp_path / "to_model", overwrite=True)
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        check_output_dir(tmp_path / "dangling")
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        check_report_dir(tmp_path / "dangling")
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        check_output_file(tmp_path / "to_res.json")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_marker_link_is_replaced_not_written_through(tmp_path):
+    """Item 4: marking a directory whose marker name is a link replaces the link, the target is untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "victim.txt").write_text("keep")
+    (out / OUTPUT_MARKER).symlink_to(tmp_path / "victim.txt")
+    mark_output(out, "model")
+    assert (tmp_path / "victim.txt").read_text() == "keep"
+    assert not (out / OUTPUT_MARKER).is_symlink() and output_kind(out) == "model"
+
+
+def test_no_output_inside_the_model_cache(tmp_path, monkeypatch):
+    """Item 7: results files, report and benchmark directories inside $SOUL_CACHE/models are refused."""
+    from soul.data.cli import check_data_dir
+
+    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "models" / "smollm2-135m-1"
+    cached.mkdir(parents=True)
+    for check in (check_output_file, check_report_dir, check_data_dir):
+        with pytest.raises(OutputError, match="model cache"):
+            check(cached / "results")
+    with pytest.raises(OutputError, match="model cache"):
+        check_output_file(cached / "config.json")
+    assert sorted(p.name for p in cached.iterdir()) == []

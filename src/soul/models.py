@@ -197,7 +197,7 @@ def save_model(
     fsynced and renamed into place. An existing `out_dir` is replaced only when it holds a model or a soul
     output, and never when it is the directory the model was loaded from.
     """
-    from soul.safety import fsync_path, fsync_tree, is_soul_output, public_dir_mode
+    from soul.safety import fsync_path, fsync_tree, output_kind, public_dir_mode, user_entries
 
     out = Path(out_dir).expanduser().resolve()
     source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
@@ -205,7 +205,7 @@ def save_model(
         raise ValueError(f"refusing to overwrite the input model at {out}; choose another output directory")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: is a file; give a directory to save the model in")
-    if out.is_dir() and any(out.iterdir()) and not (_is_hf_dir(out) or is_soul_output(out)):
+    if out.is_dir() and user_entries(out) and not (_is_hf_dir(out) or output_kind(out) == "model"):
         raise ValueError(f"{out}: exists, is not empty and holds no model; soul replaces only a model directory")
     model = unwrap_for_saving(model)
     out.parent.mkdir(parents=True, exist_ok=True)

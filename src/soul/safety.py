@@ -1,9 +1,11 @@
 """Guards around what soul writes: output-directory checks, locks, leftover cleanup, durable renames.
 
-* `check_output_dir` refuses an ``--out`` that would destroy something soul did not make: a file, a non-empty
-  directory that is not a soul output, an input (model or data) or a directory holding one, the cached base
-  models, an unwritable place. A previous soul output (recognised by its ``run.json``, or by the marker
-  `OUTPUT_MARKER` that a run writes when it starts) is replaced only with ``overwrite``.
+* `check_output_dir` refuses an ``--out`` that would destroy something soul did not make: a symbolic link, a
+  file, a non-empty directory that is not a soul model output, an input (model or data) or a directory holding
+  one, the cached base models, an unwritable place. A directory is empty when it holds nothing but soul's lock
+  records (`is_lock_record`). A previous soul output is recognised by `output_kind`: a ``run.json`` with the
+  keys every soul run record has (`is_run_record`), or the marker `OUTPUT_MARKER` (soul's JSON naming the kind
+  of output, ``model`` or ``report``); it is replaced only with ``overwrite``, and only by the same kind.
 * `dir_lock` is a lock file ``.<name>.lock`` next to a directory (or file), held with ``flock`` while its owner
   runs and recording the owner (PID, host, start time); a second process is refused, a lock whose owner died
   is taken over (race-free), one recorded by another host never is. It is re-entrant within a process.
@@ -21,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,7 +33,18 @@ from soul.paths import cache_dir
 
 OUTPUT_MARKER = ".soul-output"
 RUN_RECORD = "run.json"
+REPORT_RECORD = "results.json"
+# Keys every run.json that `soul.train.loop` writes has, and its kinds: a run.json without them is not soul's.
+RUN_RECORD_KEYS = ("kind", "config", "objective", "input_model", "data", "versions", "steps")
+RUN_KINDS = ("unlearn", "finetune")
+OUTPUT_KINDS = ("model", "report")  # what a marker names: a training run's output, a reproduce/sweep/report dir
+# Markers written before they carried the kind (`mark_output`'s old text): still recognised, with their kind.
+_LEGACY_MARKERS = ((re.compile(r"soul run output; pid \d+\n?"), "model"), (re.compile(r"soul output; pid \d+\n?"), "report"))
+_RECORD_LIMIT = 64 << 20  # a run record or results file larger than this is not soul's (and is not read)
 LOCK_SUFFIX = ".lock"
+_LOCK_NAME = re.compile(rf"^\..+{re.escape(LOCK_SUFFIX)}$")
+# What `LockOwner.record` writes: PID, host, start time, boot id (one per line; older soul: PID and host).
+_LOCK_RECORD = re.compile(r"\d+\n(?:[^\n]*\n?){0,3}")
 LOCK_POLL_S = 0.5
 CACHE_WAIT_S = 6 * 3600.0  # how long a cache user waits for another process filling the same entry
 _HELD: dict[Path, list[int]] = {}  # lock files this process holds -> [descriptor holding the flock, re-entries]
@@ -261,6 +275,7 @@ def _leftover_patterns(name: str) -> list[re.Pattern]:
     n = re.escape(name)
     return [re.compile(rf"^\.{n}\.(?:final|old)-(\d+)$"),            # loop staging / swapped-out directory
             re.compile(rf"^\.\.{n}\.final-(\d+)\.tmp-.*$"),           # save_model's temp dir inside the staging
+            re.compile(rf"^\.{n}\.work-(\d+)$"),                      # an --overwrite run's log and checkpoints
             re.compile(rf"^\.{n}\.tmp-(\d+)-.*$"),                    # save_model's temp dir
             re.compile(rf"^\.{n}\.(\d+)\..*\.tmp$")]                   # write_bytes_atomic's temp file
 
@@ -277,10 +292,7 @@ def clean_leftovers(target: str | os.PathLike) -> list[Path]:
         for pattern in patterns:
             m = pattern.match(entry.name)
             if m and not pid_alive(int(m.group(1))):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                remove_path(entry)
                 removed.append(entry)
                 break
     return removed
@@ -298,17 +310,141 @@ def clean_tiny_tempdirs(tmp_root: str | os.PathLike | None = None) -> list[Path]
     with contextlib.suppress(OSError):
         for entry in root.iterdir():
             m = re.match(rf"^{TINY_PREFIX}(\d+)-", entry.name)
-            if m and entry.is_dir() and not pid_alive(int(m.group(1))):
-                shutil.rmtree(entry, ignore_errors=True)
+            if m and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(m.group(1))):
+                remove_path(entry)
                 removed.append(entry)
     return removed
 
 
 # ------------------------------------------------------------------------------------------- out guard
-def is_soul_output(path: str | os.PathLike) -> bool:
-    """A directory soul wrote: it holds a run record (``run.json``) or the marker a run writes at its start."""
+def _read_regular(path: Path, limit: int) -> bytes | None:
+    """The bytes of `path` when it is a regular file (not a link) of at most `limit` bytes, else None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def is_lock_record(path: str | os.PathLike) -> bool:
+    """Whether `path` is a lock soul wrote (`dir_lock`): named ``.NAME.lock``, a regular file, holding a PID
+    line and a host name line. Anything else ending in ``.lock`` (``poetry.lock``, a directory) is not."""
     path = Path(path)
-    return (path / RUN_RECORD).is_file() or (path / OUTPUT_MARKER).is_file()
+    if not _LOCK_NAME.match(path.name):
+        return False
+    data = _read_regular(path, 4096)
+    try:
+        return data is not None and _LOCK_RECORD.fullmatch(data.decode()) is not None
+    except UnicodeDecodeError:
+        return False
+
+
+def user_entries(directory: str | os.PathLike) -> list[Path]:
+    """The entries of `directory` other than soul's lock records: a directory with none of them is empty."""
+    return [p for p in Path(directory).iterdir() if not is_lock_record(p)]
+
+
+def _read_json_object(path: Path) -> dict | None:
+    import json
+
+    data = _read_regular(path, _RECORD_LIMIT)
+    if data is None:
+        return None
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def is_run_record(path: str | os.PathLike) -> bool:
+    """Whether `path` is a run.json soul wrote: a JSON object (regular file, not a link) with every key of
+    `RUN_RECORD_KEYS`, a ``kind`` of `RUN_KINDS` and its ``config``, ``versions`` as objects."""
+    record = _read_json_object(Path(path))
+    return (record is not None and all(k in record for k in RUN_RECORD_KEYS) and record["kind"] in RUN_KINDS
+            and isinstance(record["config"], dict) and isinstance(record["versions"], dict)
+            and isinstance(record["steps"], int))
+
+
+def marker_kind(directory: str | os.PathLike) -> str | None:
+    """The kind of output (`OUTPUT_KINDS`) that `directory`'s `OUTPUT_MARKER` names, or None without a soul
+    marker (no file, a link, or content soul does not write)."""
+    import json
+
+    data = _read_regular(Path(directory) / OUTPUT_MARKER, 4096)
+    if data is None:
+        return None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    for pattern, kind in _LEGACY_MARKERS:
+        if pattern.fullmatch(text):
+            return kind
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    kind = value.get("soul_output") if isinstance(value, dict) else None
+    return kind if kind in OUTPUT_KINDS else None
+
+
+def is_report_results(path: str | os.PathLike) -> bool:
+    """Whether `path` is a results.json of `soul reproduce`/`sweep` (a JSON object with its ``runs``)."""
+    record = _read_json_object(Path(path))
+    return record is not None and isinstance(record.get("runs"), (list, dict))
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+    """What soul wrote in directory `path`: ``"model"`` (a soul run.json, or a ``model`` marker: a training
+    run's output) or ``"report"`` (a ``report`` marker, or a soul results.json: reproduce/sweep/report);
+    None when it holds neither, or evidence of both."""
+    path = Path(path)
+    kinds = set()
+    if is_run_record(path / RUN_RECORD):
+        kinds.add("model")
+    if (marked := marker_kind(path)) is not None:
+        kinds.add(marked)
+    if is_report_results(path / REPORT_RECORD):
+        kinds.add("report")
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def is_soul_output(path: str | os.PathLike) -> bool:
+    """A directory soul wrote (`output_kind` recognises it)."""
+    return output_kind(path) is not None
+
+
+def refuse_link(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse an output named through a symbolic link: soul would write into (or replace) what it points to."""
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        raise OutputError(f"{option} {path}: is a symbolic link (to {os.readlink(path)}); soul does not write "
+                          "through links: give the real path")
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Delete `path` without following links: a link (or file) is unlinked, a real directory removed with its
+    contents (`shutil.rmtree` unlinks the links inside it, it never descends into them)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def links_inside(root: str | os.PathLike) -> list[Path]:
+    """Symbolic links anywhere under the real directory `root` (links are not descended into)."""
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        found += [Path(dirpath) / n for n in dirs + files if (Path(dirpath) / n).is_symlink()]
+    return found
 
 
 def nearest_existing(path: Path) -> Path:
@@ -320,7 +456,8 @@ def nearest_existing(path: Path) -> Path:
 def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
     """Refuse, before any work, an output whose nearest existing ancestor cannot be written."""
     path = Path(path).expanduser().resolve()
-    base = nearest_existing(path.parent if not path.exists() else path)
+    # An existing file is replaced through its directory (its own permission is checked by the caller).
+    base = nearest_existing(path if path.is_dir() else path.parent)
     if base.exists() and not base.is_dir():
         raise OutputError(f"{option} {path}: {base} is a file, so nothing can be created under it")
     if not os.access(base, os.W_OK | os.X_OK):
@@ -339,10 +476,19 @@ def protected_dirs() -> list[Path]:
     return [(cache_dir() / "models").expanduser().resolve()]
 
 
+def check_not_protected(out: Path, option: str = "--out") -> None:
+    """Refuse an output in, or holding, soul's cached base models (`protected_dirs`)."""
+    for guarded in protected_dirs():
+        if out == guarded or guarded in out.parents or out in guarded.parents:
+            raise OutputError(f"{option} {out}: would write into soul's model cache {guarded}, which every later "
+                              "load of a bundled model reads; choose another directory")
+
+
 def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
                      overwrite: bool = False, resume: bool = False, option: str = "--out") -> Path:
     """The resolved `out`, after refusing anything unsafe (module docstring). `inputs` are the run's model
     and data paths (aliases resolved by the caller); names that are not local paths are ignored."""
+    refuse_link(out, option)
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {out}: is a file; give a directory for the output model")
@@ -354,14 +500,18 @@ def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLi
             raise OutputError(f"{option} {out}: would replace the input {src}; choose another directory")
         if src in out.parents and src.is_dir():
             raise OutputError(f"{option} {out}: is inside the input {src}; choose a directory outside it")
-    for guarded in protected_dirs():
-        if out == guarded or guarded in out.parents or out in guarded.parents:
-            raise OutputError(f"{option} {out}: would write into soul's model cache {guarded}, which every later "
-                              "load of a bundled model reads; choose another directory")
-    if out.is_dir() and any(not p.name.endswith(LOCK_SUFFIX) for p in out.iterdir()):
-        if not is_soul_output(out):
-            raise OutputError(f"{option} {out}: exists, is not empty and is not a soul output (no {RUN_RECORD}); "
-                              "soul never replaces a directory it did not write: choose a new directory")
+    check_not_protected(out, option)
+    if out.is_dir() and user_entries(out):
+        kind = output_kind(out)
+        if kind == "report":
+            raise OutputError(f"{option} {out}: holds a soul report (reproduce/sweep/report), not a model output; "
+                              "--overwrite replaces only a previous model output: choose another directory")
+        if kind is None:
+            why = (f"its {RUN_RECORD} was not written by soul (a soul run record is a JSON object with "
+                   f"{', '.join(RUN_RECORD_KEYS)})" if (out / RUN_RECORD).exists() or (out / RUN_RECORD).is_symlink()
+                   else f"no soul {RUN_RECORD} or {OUTPUT_MARKER} marker")
+            raise OutputError(f"{option} {out}: exists, is not empty and is not a soul output ({why}); soul never "
+                              "replaces a directory it did not write: choose a new directory, or move the files out")
         if not (overwrite or resume):
             raise OutputError(f"{option} {out}: holds a previous soul output; pass --overwrite to replace it "
                               "(or --resume to continue its checkpoints)")
@@ -371,7 +521,9 @@ def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLi
 
 def check_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
                       option: str = "--out") -> Path:
-    """The resolved output file `out`, refused when it is a directory, an input, or cannot be written."""
+    """The resolved output file `out`, refused when it is a link, a directory, an input, in soul's model cache,
+    or cannot be written."""
+    refuse_link(out, option)
     out = Path(out).expanduser().resolve()
     if out.is_dir():
         raise OutputError(f"{option} {out}: is a directory; give a file name for the results JSON")
@@ -380,6 +532,7 @@ def check_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
         # A new file next to an input (results.json in the model directory) is fine; replacing one is not.
         if src is not None and (out == src or (out.exists() and src in out.parents)):
             raise OutputError(f"{option} {out}: would replace a file of the input {src}; choose another file")
+    check_not_protected(out, option)
     check_writable(out, option)
     if out.exists() and not os.access(out, os.W_OK):
         raise OutputError(f"{option} {out}: exists and is not writable")
@@ -414,32 +567,44 @@ def fingerprint_files(root: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-REPORT_RECORD = "results.json"
-
 
 def check_report_dir(out: str | os.PathLike, option: str = "--out") -> Path:
-    """A report directory (`soul reproduce`/`sweep`/`report`): refused when it is a file, or a non-empty
-    directory that is not a soul report (no ``results.json`` nor `OUTPUT_MARKER`), or cannot be written."""
+    """A report directory (`soul reproduce`/`sweep`/`report`): refused when it is a link or a file, in soul's
+    model cache, a non-empty directory that is not a soul report (`output_kind` is not ``"report"``: a model
+    output or a foreign directory), or cannot be written."""
+    refuse_link(out, option)
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {out}: is a file; give a directory for the report")
-    if out.is_dir() and any(not p.name.endswith(LOCK_SUFFIX) for p in out.iterdir()) \
-            and not ((out / REPORT_RECORD).is_file() or is_soul_output(out)):
-        raise OutputError(f"{option} {out}: exists, is not empty and is not a soul report (no {REPORT_RECORD}); "
-                          "choose a new directory")
+    check_not_protected(out, option)
+    if out.is_dir() and user_entries(out):
+        kind = output_kind(out)
+        if kind == "model":
+            raise OutputError(f"{option} {out}: holds a soul model output ({RUN_RECORD}), not a report; choose "
+                              "a new directory")
+        if kind is None:
+            raise OutputError(f"{option} {out}: exists, is not empty and is not a soul report (no soul "
+                              f"{REPORT_RECORD} or {OUTPUT_MARKER} marker); choose a new directory")
     check_writable(out, option)
     return out
 
 
-def mark_output(out: Path, what: str = "soul output", *, sync: bool = False) -> None:
-    """Create `out` (mode 0777 minus umask) with the soul-output marker, so later runs recognise it."""
+def mark_output(out: Path, kind: str, *, sync: bool = False) -> None:
+    """Create `out` (mode 0777 minus umask) with the soul-output marker naming its `kind` (`OUTPUT_KINDS`), so
+    later runs recognise it and replace it only by the same kind."""
+    import json
+
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"unknown output kind {kind!r}; expected one of {', '.join(OUTPUT_KINDS)}")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if created:
         public_dir_mode(out)
     marker = out / OUTPUT_MARKER
-    if not marker.exists():
-        marker.write_text(f"{what}; pid {os.getpid()}\n")
+    if marker_kind(out) is None:
+        if marker.is_symlink():  # a link named like the marker is removed, never written through
+            marker.unlink()
+        marker.write_text(json.dumps({"soul_output": kind, "pid": os.getpid()}) + "\n")
         if sync:
             fsync_path(out)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +120,48 @@ def test_cached_retain_reference_is_keyed_on_the_weights_content(setup):
     assert len(list((tmp / "cache" / "eval").glob("reference-*.json"))) == 2
     # the new weights evaluated against their own, recomputed reference: forget quality 1
     assert json.loads((tmp / "b.json").read_text())["forget_quality"]["agg_value"] == pytest.approx(1.0, abs=1e-9)
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_soul_eval_never_overwrites_an_input_or_writes_into_the_model_cache(setup, capsys, monkeypatch):
+    """Issue 20 items 6 and 7: --out and --open-unlearning-dir that would replace an input file (the
+    --retain-reference TOFU_EVAL.json, the --out file) or write into $SOUL_CACHE/models are refused with exit 2
+    before any model is loaded; every file stays as it was."""
+    tmp = setup
+    base = ["eval", "--model", str(tmp / "retain"), "--data", str(tmp / "data"), "--forget-split", "forget10",
+            "--no-holdout", "--max-new-tokens", "2"]
+    ou = tmp / "ou"
+    assert main([*base, "--retain-model", str(tmp / "retain"), "--out", str(tmp / "first.json"),
+                 "--open-unlearning-dir", str(ou)]) == 0
+    cached = tmp / "cache" / "models" / "smollm2-135m-1"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    capsys.readouterr()
+    import soul.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output check")
+
+    monkeypatch.setattr(soul.models, "load_model", no_model)
+    roots = [tmp / "ou", tmp / "data", tmp / "retain", tmp / "cache" / "models"]
+    before = {str(r): tree_hash(r) for r in roots} | {"first": tree_hash(tmp)["first.json"]}
+    reference = ["--retain-reference", str(ou / "TOFU_EVAL.json")]
+    cases = [
+        ([*reference, "--open-unlearning-dir", str(ou), "--out", str(tmp / "second.json")],
+         f"--open-unlearning-dir {ou / 'TOFU_EVAL.json'}: would replace a file of the input"),
+        (["--open-unlearning-dir", str(ou), "--out", str(ou / "TOFU_EVAL.json")], "is the --out file"),
+        (["--open-unlearning-dir", str(tmp / "first.json"), "--out", str(tmp / "second.json")], "is a file"),
+        (["--out", str(cached / "results.json")], f"--out {cached / 'results.json'}: would write into soul's model cache"),
+        (["--out", str(cached / "config.json")], "model cache"),
+        (["--open-unlearning-dir", str(cached), "--out", str(tmp / "second.json")], "model cache"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+        assert {str(r): tree_hash(r) for r in roots} | {"first": tree_hash(tmp)["first.json"]} == before
+        assert not (tmp / "second.json").exists() and not (cached / "results.json").exists()

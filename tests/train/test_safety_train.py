@@ -539,3 +539,144 @@ def test_a_run_interrupted_before_its_first_checkpoint_leaves_nothing_and_reruns
         "soul unlearn: interrupted by SIGINT; no checkpoint was kept; rerun the same command to start again"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the output it created is removed
     assert main(argv) == 0 and (out / "run.json").is_file()
+
+
+# ------------------------------------------------------------------------------- issue 20: data loss, 1-4, 8
+def every_file_hash(*roots: Path) -> dict[str, str]:
+    return {f"{root}:{k}": v for root in roots for k, v in tree_hash(root).items()}
+
+
+def test_a_lock_named_entry_makes_out_non_empty(base, tmp_path, capsys):
+    """Item 1: ``poetry.lock`` or an ``x.lock/`` directory is the user's: the run is refused, nothing changes."""
+    data = write_data(tmp_path / "data")
+    for name in ("poetry.lock", "x.lock"):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        if name == "x.lock":
+            (out / name).mkdir()
+            (out / name / "a.txt").write_text("keep")
+        else:
+            (out / name).write_text("[[package]]\nname = 'torch'\n")
+        before = every_file_hash(out)
+        assert run_cli(*unlearn_args(base, data, out)) == 2
+        assert "not a soul output" in last_error(capsys)
+        assert every_file_hash(out) == before
+        assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_overwrite_refuses_a_look_alike_run_json(base, tmp_path, capsys):
+    """Item 2: a run.json soul did not write is no licence to replace the directory."""
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"name": "my experiment", "steps": 3}))
+    (out / "notes.txt").write_text("keep")
+    before = every_file_hash(out)
+    assert run_cli(*unlearn_args(base, data, out, "--overwrite")) == 2
+    error = last_error(capsys)
+    assert "run.json was not written by soul" in error and "choose a new directory" in error
+    assert every_file_hash(out) == before
+
+
+def test_a_report_and_a_model_output_are_not_interchangeable(base, tmp_path, capsys):
+    """Item 3: --overwrite never replaces a reproduce/report directory, and a report never goes into a model
+    output."""
+    from soul.report.cli import _guarded_report_dir
+
+    data = write_data(tmp_path / "data")
+    report = tmp_path / "report"
+    with _guarded_report_dir(str(report)):
+        (report / "results.json").write_text(json.dumps({"runs": []}))
+        (report / "report.html").write_text("<html>my report</html>")
+    model = tmp_path / "model"
+    assert run_cli(*unlearn_args(base, data, model)) == 0
+    before = every_file_hash(report, model)
+    for command in ("unlearn", "finetune"):
+        args = unlearn_args(base, data, report, "--overwrite") if command == "unlearn" else \
+            ["finetune", "--model", str(base), "--data", str(data), "--out", str(report), "--max-steps", "1",
+             "--overwrite"]
+        assert run_cli(*args) == 2
+        assert "holds a soul report" in last_error(capsys)
+    for argv in (["reproduce", "--preset", "tiny", "--out", str(model)],
+                 ["report", str(report / "results.json"), "--out", str(model)]):
+        assert main(argv) == 2
+        assert "holds a soul model output" in last_error(capsys)
+    assert every_file_hash(report, model) == before
+
+
+def test_resume_never_deletes_through_a_checkpoints_link(base, tmp_path):
+    """Item 4: a previous output whose ``checkpoints`` is a link: --resume is refused, nothing in the link's
+    target (its ``.tmp-*`` and ``step-*``) is touched."""
+    from soul.errors import OutputError
+
+    out = tmp_path / "run"
+    killed_run(base, out)
+    elsewhere = tmp_path / "elsewhere"
+    os.replace(out / "checkpoints", elsewhere)
+    (elsewhere / ".tmp-mine").mkdir()
+    (elsewhere / ".tmp-mine" / "notes.txt").write_text("keep")
+    (out / "checkpoints").symlink_to(elsewhere)
+    before = every_file_hash(elsewhere, out)
+    with pytest.raises(OutputError, match=r"checkpoints is a symbolic link .*never writes or deletes through a link"):
+        unlearn(str(base), data=DATA, optimizer="sophia", max_steps=4, batch_size=1, lr=1e-3, hessian_interval=2,
+                checkpoint_every=2, progress=False, out_dir=out, resume=True)
+    assert every_file_hash(elsewhere, out) == before
+
+
+def test_overwrite_removes_links_of_the_previous_output_as_links_only(base, tmp_path, capsys):
+    """Item 4: --overwrite of an output whose ``checkpoints`` and log are links: the links go, what they point
+    to is untouched, and the run says so."""
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "run"
+    assert run_cli(*unlearn_args(base, data, out)) == 0
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "step-00000001").mkdir(parents=True)
+    (elsewhere / "step-00000001" / "model.safetensors").write_bytes(b"mine")
+    (elsewhere / ".tmp-step-00000002").mkdir()
+    (elsewhere / ".tmp-step-00000002" / "notes.txt").write_text("keep")
+    (out / "checkpoints").symlink_to(elsewhere)
+    (tmp_path / "my.log").write_text("my log\n")
+    (out / "train_log.jsonl").unlink()
+    (out / "train_log.jsonl").symlink_to(tmp_path / "my.log")
+    before = every_file_hash(elsewhere) | {"log": (tmp_path / "my.log").read_text()}
+    capsys.readouterr()
+    assert run_cli(*unlearn_args(base, data, out, "--overwrite", "--checkpoint-every", "1",
+                                 "--keep-checkpoints")) == 0
+    assert "removes the link(s)" in capsys.readouterr().err
+    assert every_file_hash(elsewhere) | {"log": (tmp_path / "my.log").read_text()} == before
+    assert not (out / "checkpoints").is_symlink() and not (out / "train_log.jsonl").is_symlink()
+    # This run's own checkpoint (the last step is not checkpointed), not a copy of what the link pointed to.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
+    assert load_file(str(out / "checkpoints" / "step-00000001" / "model.safetensors"))
+
+
+def test_an_interrupted_overwrite_leaves_the_previous_output_intact(base, tmp_path):
+    """Item 8: the new run works in a sibling; the previous output (log, checkpoints, model, run.json) is the
+    same, byte for byte, at every step and after the run stops, until the final swap replaces it."""
+    out = tmp_path / "run"
+    options = dict(data=DATA, optimizer="adamw", batch_size=1, checkpoint_every=1, progress=False, out_dir=out)
+    unlearn(str(base), max_steps=2, keep_checkpoints=True, **options)
+    assert (out / "checkpoints" / "step-00000001").is_dir() and (out / "train_log.jsonl").is_file()
+    before = every_file_hash(out)
+    work = tmp_path / f".run.work-{os.getpid()}"
+    seen = []
+
+    def hook(step, record):
+        seen.append((every_file_hash(out), (work / "checkpoints" / f"step-{step:08d}").is_dir()))
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        unlearn(str(base), max_steps=3, lr=2e-5, overwrite=True, on_step_end=hook, **options)
+    assert seen == [(before, True), (before, True)]
+    assert every_file_hash(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the stopped run's sibling is gone
+    # A killed run's sibling is removed at the next start (its PID is dead); the next --overwrite replaces.
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (tmp_path / f".run.work-{proc.pid}" / "checkpoints").mkdir(parents=True)
+    unlearn(str(base), max_steps=3, lr=2e-5, overwrite=True, **options)
+    assert json.loads((out / "run.json").read_text())["config"]["lr"] == 2e-5
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -23,16 +23,18 @@ def _make(args: argparse.Namespace) -> int:
 
 
 def check_data_dir(out: str) -> Path:
-    """Refuse an --out that is a file, a non-empty directory that is not a soul benchmark (no manifest.json)
-    or an unwritable place: `make` writes its split files there, replacing same-named ones."""
+    """Refuse an --out that is a link or a file, in soul's model cache, a non-empty directory (anything but
+    soul's lock records) that is not a soul benchmark (no manifest.json) or an unwritable place: `make` writes
+    its split files there, replacing same-named ones."""
     from soul.errors import OutputError
-    from soul.safety import LOCK_SUFFIX, check_writable
+    from soul.safety import check_not_protected, check_writable, refuse_link, user_entries
 
+    refuse_link(out)
     path = Path(out).expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out {path}: is a file; give a directory for the benchmark")
-    if path.is_dir() and any(not p.name.endswith(LOCK_SUFFIX) for p in path.iterdir()) \
-            and not (path / "manifest.json").is_file():
+    check_not_protected(path)
+    if path.is_dir() and user_entries(path) and not (path / "manifest.json").is_file():
         raise OutputError(f"--out {path}: exists, is not empty and is not a soul benchmark (no manifest.json); "
                           "choose a new directory")
     check_writable(path)

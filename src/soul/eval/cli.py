@@ -65,6 +65,25 @@ def cached_reference(retain_model: str, forget: list[dict], holdout: list[dict] 
     return ref, target
 
 
+def check_open_unlearning_dir(directory: str, out: Path, inputs: list[str | None]) -> None:
+    """Refuse, before any work, an ``--open-unlearning-dir`` whose files (TOFU_EVAL.json, TOFU_SUMMARY.json)
+    would replace an input (a ``--retain-reference`` file, the model's or the data's files) or the ``--out``
+    file, or that is a link, a file or inside soul's model cache (`soul.safety.check_output_file`)."""
+    from soul.errors import OutputError
+    from soul.eval.interop import OU_EVAL_NAME, OU_SUMMARY_NAME
+    from soul.safety import check_output_file, refuse_link
+
+    option = "--open-unlearning-dir"
+    refuse_link(directory, option)
+    path = Path(directory).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path}: is a file; give a directory for TOFU_EVAL.json and TOFU_SUMMARY.json")
+    for name in (OU_EVAL_NAME, OU_SUMMARY_NAME):
+        target = check_output_file(path / name, inputs=inputs, option=option)
+        if target == out:
+            raise OutputError(f"{option} {path}: its {name} is the --out file; choose another directory or --out")
+
+
 def _run(args: argparse.Namespace) -> int:
     from soul.cli import CLIError
 
@@ -88,19 +107,14 @@ def _check_outputs(args: argparse.Namespace) -> Path:
     before any data or model is loaded (a bad --open-unlearning-dir used to fail after the whole evaluation);
     returns the resolved --out."""
     from soul.errors import OutputError
-    from soul.safety import check_output_file, check_writable
+    from soul.safety import check_not_protected, check_output_file, check_writable
 
     inputs = [args.model, args.data, args.retain_model, args.retain_results]
     out = check_output_file(args.out, inputs=inputs)
     if args.open_unlearning_dir:
-        from soul.eval.interop import OU_EVAL_NAME, OU_SUMMARY_NAME
-
-        folder = Path(args.open_unlearning_dir).expanduser().resolve()
-        if folder.exists() and not folder.is_dir():
-            raise OutputError(f"--open-unlearning-dir {folder}: exists and is not a directory")
-        for name in (OU_EVAL_NAME, OU_SUMMARY_NAME):
-            if check_output_file(folder / name, inputs=inputs, option="--open-unlearning-dir") == out:
-                raise OutputError(f"--open-unlearning-dir {folder}: its {name} would replace --out {out}")
+        check_open_unlearning_dir(args.open_unlearning_dir, out, inputs)
+    if args.tracker_dir:
+        check_not_protected(Path(args.tracker_dir).expanduser().resolve(), "--tracker-dir")
     if args.report_to:
         trackers = Path(args.tracker_dir or out.parent / "trackers").expanduser()
         if trackers.exists() and not trackers.is_dir():

@@ -21,14 +21,22 @@ def _guarded_report_dir(out: str):
     """Check the report directory (`soul.safety.check_report_dir`), lock it for the run and mark it as soul's."""
     import contextlib
 
-    from soul.safety import check_report_dir, clean_tiny_tempdirs, dir_lock, mark_output
+    from soul.safety import (
+        OUTPUT_MARKER,
+        check_report_dir,
+        clean_leftovers,
+        clean_tiny_tempdirs,
+        dir_lock,
+        mark_output,
+    )
 
     path = check_report_dir(out)
     stack = contextlib.ExitStack()
     stack.enter_context(dir_lock(path))
     check_report_dir(path)
     clean_tiny_tempdirs()
-    mark_output(path)
+    clean_leftovers(path / OUTPUT_MARKER)
+    mark_output(path, "report")
     return stack
 
 

@@ -54,7 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from soul.io import write_json_atomic, write_text_atomic
 from soul.losses import model_logits, sequence_nll
-from soul.safety import fsync_path, fsync_tree
+from soul.safety import fsync_path, fsync_tree, remove_path
 from soul.train.config import KEEP_BEST_METRICS, TrainConfig
 from soul.train.trackers import close_run, open_for_run
 
@@ -277,6 +277,25 @@ def _release_accelerator_state(wanted: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def _working_dir(out: Path, accelerator, main: bool, world: int) -> Path:
+    """`out` itself for a new output; a fresh sibling (`soul.train.output.work_dir`) when `out` holds a previous
+    one. The main process decides (and creates the sibling); every process gets the same path."""
+    from soul.train.output import holds_previous_output, work_dir
+
+    choice = [None]
+    if main:
+        work = work_dir(out) if holds_previous_output(out) else out
+        if work != out:
+            remove_path(work)  # this process's own name: a leftover of an earlier run in this process
+            work.mkdir(parents=True)
+        choice = [str(work)]
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(choice, from_process=0)
+    return Path(choice[0])
+
+
 def run_training(model: torch.nn.Module, tokenizer, *, cfg: TrainConfig, overwrite: bool = False,
                  **kwargs: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """`_run_training` inside the output guard (`soul.train.output.guarded_run_output`): an unsafe ``out_dir``
@@ -438,6 +457,7 @@ def _run_training(
     from soul.train import checkpoint as ckpt_io
 
     log_path = out / LOG_NAME if out is not None else None
+    work = out  # where this run's log and checkpoints live while it lasts
     resumed_from = None
     last_ckpt = latest_checkpoint(ckpt_root) if ckpt_root is not None else None
     identity = None
@@ -459,11 +479,11 @@ def _run_training(
         if main and log_path is not None and log_path.exists():  # drop log lines of steps after the checkpoint
             keep = ckpt_io.read_log_lines(log_path, progress.step)
             write_text_atomic(log_path, "".join(f"{ln}\n" for ln in keep))
-    elif main and out is not None:
-        if ckpt_root.exists():
-            shutil.rmtree(ckpt_root)
-        if log_path.exists():
-            log_path.unlink()
+    elif out is not None:
+        # Not resuming: a previous output in `out` (its log, checkpoints, model) stays intact until the final
+        # swap; this run keeps its own log and checkpoints in a sibling (`soul.train.output.work_dir`).
+        work = _working_dir(out, accelerator, main, world)
+        ckpt_root, log_path = work / "checkpoints", work / LOG_NAME
     accelerator.wait_for_everyone()
     run_start = time.time() - progress.elapsed
     trackers = open_for_run(cfg, out, main)  # cfg.report_to: copies of the log lines (soul.train.trackers)
@@ -525,8 +545,8 @@ def _run_training(
                         shutil.rmtree(ckpt_root / BEST_NAME)
                     os.replace(tmp, ckpt_root / BEST_NAME)
 
-    def last_good() -> Path | None:
-        return latest_checkpoint(ckpt_root) if ckpt_root is not None else None
+    def last_good() -> Path | None:  # a checkpoint --resume can continue from (one in `out`, not in a sibling)
+        return latest_checkpoint(ckpt_root) if ckpt_root is not None and work == out else None
 
     def check_finite(step: int, loss: torch.Tensor, parts: dict[str, float]) -> None:
         bad_name, bad_value = None, None
@@ -678,8 +698,7 @@ def _run_training(
         from soul.models import save_model
 
         staging = out.parent / f".{out.name}.final-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
+        remove_path(staging)
         try:
             save_model(trained, tokenizer, staging, state_dict=full_state)
             record["out_dir"] = str(out)
@@ -697,10 +716,12 @@ def _run_training(
             os.replace(out, old)
             os.replace(staging, out)
             fsync_path(out.parent)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)  # links in it are unlinked, never followed
         else:
             os.replace(staging, out)
             fsync_path(out.parent)
+        if work != out:
+            remove_path(work)
     close_run(trackers, out)
     accelerator.wait_for_everyone()
     accelerator.free_memory()

@@ -3,12 +3,18 @@
 `guarded_run_output` is what `soul.train.loop.run_training` wraps the loop in (on the launch's main process):
 refuse an unsafe ``out_dir`` (`soul.safety.check_output_dir`), take its lock, remove leftovers of killed runs,
 and mark the directory as a soul output so a later ``--resume`` or ``--overwrite`` recognises it.
+
+A run that does not resume from a checkpoint in ``out_dir`` while ``out_dir`` holds a previous output keeps its
+log and checkpoints in `work_dir` (a sibling) and leaves the previous output untouched until the final swap;
+so an interrupted ``--overwrite`` leaves the previous output as it was (and a ``.<out>.work-PID`` directory
+that the next start removes once PID is dead).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +26,12 @@ from soul.safety import (
     check_output_dir,
     clean_leftovers,
     dir_lock,
+    is_lock_record,
+    links_inside,
     mark_output,
+    output_kind,
     pid_alive,
+    remove_path,
 )
 
 
@@ -36,6 +46,27 @@ def input_paths(input_model: str | None, data_info: dict[str, Any] | None) -> li
         if isinstance(entry, dict) and entry.get("source") not in (None, "in-memory", "bundled"):
             paths.append(str(entry["source"]))
     return paths
+
+
+def work_dir(out: Path, pid: int | None = None) -> Path:
+    """The sibling where a run that replaces a previous output keeps its log and checkpoints (module doc)."""
+    return out.parent / f".{out.name}.work-{os.getpid() if pid is None else pid}"
+
+
+def holds_previous_output(out: Path) -> bool:
+    """Whether `out` holds anything but soul's marker and lock records (a previous run's files)."""
+    return out.is_dir() and any(p.name != OUTPUT_MARKER and not is_lock_record(p) for p in out.iterdir())
+
+
+def _links_a_run_touches(out: Path) -> list[Path]:
+    """Links among what a resumed run writes or deletes in `out`: its entries and its checkpoints' entries."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_symlink()]
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        found += [p for p in checkpoints.iterdir() if p.is_symlink()]
+    return found
 
 
 def recover_interrupted_swap(out: Path) -> Path | None:
@@ -63,22 +94,33 @@ def guarded_run_output(out_dir: str | os.PathLike, *, resume: bool, overwrite: b
         for name in ("train_log.jsonl", OUTPUT_MARKER):  # temp files of atomic writes inside the directory
             clean_leftovers(out / name)
         checkpoints = out / "checkpoints"
-        if resume and not overwrite and (out / RUN_RECORD).is_file() and not any(checkpoints.glob("step-*")):
+        if resume:  # a resumed run writes and deletes in `out`: never through a link (into what it points to)
+            links = _links_a_run_touches(out)
+            if links:
+                raise OutputError(f"--resume: {links[0]} is a symbolic link (to {os.readlink(links[0])}); soul "
+                                  "never writes or deletes through a link in an output: replace the link by the "
+                                  "real file or directory, or start over with --overwrite")
+        elif out.is_dir():
+            links = links_inside(out)
+            if links:  # the swap removes the old directory with rmtree, which unlinks links and never follows them
+                print(f"soul: note: --overwrite removes the link(s) {', '.join(map(str, links))} of the previous "
+                      "output as links; nothing they point to is touched", file=sys.stderr)
+        has_steps = checkpoints.is_dir() and not checkpoints.is_symlink() and any(checkpoints.glob("step-*"))
+        if resume and not overwrite and (out / RUN_RECORD).is_file() and not has_steps:
             raise OutputError(f"--resume: {out} holds a finished run and no checkpoint to continue from; "
                               "pass --overwrite to train it again")
-        if checkpoints.is_dir():  # half-written checkpoints of a killed run (no process writes them now)
-            import shutil
-
-            for tmp in checkpoints.glob(".tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+        if resume and checkpoints.is_dir() and not checkpoints.is_symlink():
+            for tmp in checkpoints.glob(".tmp-*"):  # half-written checkpoints of a killed run
+                remove_path(tmp)
         created = not out.exists()
-        mark_output(out, "soul run output", sync=True)
+        if output_kind(out) != "model":  # a new (or empty) directory; a previous output is left untouched
+            mark_output(out, "model", sync=True)
         try:
             yield out
         except BaseException:
+            # This run's working sibling (when it replaces a previous output) holds nothing to resume.
+            remove_path(work_dir(out))
             # A run that failed before its first checkpoint leaves nothing to resume: remove what it created.
             if created and not any(checkpoints.glob("step-*")):
-                import shutil
-
-                shutil.rmtree(out, ignore_errors=True)
+                remove_path(out)
             raise

@@ -139,8 +139,10 @@ def open_for_run(cfg, out: Path | None, main: bool) -> TrackerLog:
     if out is None:
         raise ValueError("option 'report_to' needs an output directory (out_dir / --out) for the tracker files")
     working = out.parent / f".{out.name}.{TRACKER_DIR}"
-    if working.exists() and not cfg.resume:  # a previous run's working copy (soul's own name): start clean
-        shutil.rmtree(working)
+    if (working.exists() or working.is_symlink()) and not cfg.resume:  # a previous run's copy: start clean
+        from soul.safety import remove_path
+
+        remove_path(working)  # a link is unlinked, never followed
     return TrackerLog(names, working, config=cfg.to_dict())
 
 
