@@ -48,6 +48,7 @@ from typing import Any
 
 from soul.pipeline.grid import sweep_grid, unlearn_configs
 from soul.pipeline.preset_types import (
+    MAX_SEED,
     OptimizerEntry,
     Preset,
     PresetError,
@@ -104,9 +105,10 @@ DATA_RULES: dict[str, Rule] = {
                                                    "mc_source", "mc_name", "mc_split", "utility_mc_source",
                                                    "utility_mc_name", "utility_mc_split")},
 }
+SEED_RULE: Rule = ("int", 0, MAX_SEED, False, False)
 BUNDLED_RULES: dict[str, Rule] = {"n_authors": ("int", 2, None, False, False),
                                   "qas_per_author": ("int", 1, None, False, False),
-                                  "seed": ("int", 0, 2**32 - 1, False, False),
+                                  "seed": SEED_RULE,
                                   "n_perturbed": ("int", 3, 5, False, False)}
 # TrainConfig options the pipeline sets itself for every run (from the task and the command line).
 PIPELINE_OPTIONS = ("forget_split", "retain_split", "split", "progress")
@@ -441,7 +443,7 @@ def _attacks(c: _Checker, value: Any, seeds: list[int], task: Task) -> tuple[dic
     relearn = spec.get("relearn")
     if isinstance(relearn, dict):
         if "seed" in relearn:
-            c.ruled(relearn["seed"], "attacks.relearn.seed", BUNDLED_RULES["seed"])
+            c.ruled(relearn["seed"], "attacks.relearn.seed", SEED_RULE)
         options = relearn.get("train_options")
         if isinstance(options, dict):
             for key, v in options.items():
@@ -487,7 +489,7 @@ def _build(raw: dict[str, Any], c: _Checker) -> Preset:
     ev = c.mapping(raw.get("eval"), "eval")
     c.keys(ev, impl.eval_keys, "eval")
     ev = c.ruled_mapping(ev, EVAL_RULES, "eval")
-    seed = c.typed(raw.get("seed", 0), "seed", int)
+    seed = c.ruled(raw.get("seed", 0), "seed", SEED_RULE)
     seeds = c.seeds(raw["seeds"], "seeds") if "seeds" in raw else [seed]
     utility = raw.get("utility_splits")
     if utility is not None:
