@@ -76,7 +76,6 @@ def with_(path: str, value):
     ("eval.prompt_format", "xml", "eval.prompt_format", "expected one of"),
     ("data.bundled.n_author", 5, "data.bundled.n_author",
      "unknown key (did you mean 'n_authors'?); known: ['n_authors', 'n_perturbed', 'qas_per_author', 'seed']"),
-    ("data.bundled", 5, "data.bundled", "expected a mapping"),
     ("data.bundled.n_authors", 1, "data.bundled.n_authors", "must be >= 2"),
     ("data.bundled.n_perturbed", 9, "data.bundled.n_perturbed", "must be <= 5"),
     ("data.source", 3, "data.source", "must be str"),

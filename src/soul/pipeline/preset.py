@@ -32,7 +32,10 @@ Options are `soul.train.TrainConfig` fields, type-checked from its annotations (
 each run's merged options then go through `soul.train.make_config`, and objective coefficients through
 `soul.objectives.build_objective`. An *optimizer entry* names a run column: ``sophia-auto: {optimizer:
 sophia, rho: auto}`` runs Sophia with ρ = auto under the name ``sophia-auto``. Every error is a
-`PresetError` (a ValueError) of one line: ``preset <file>: <key path>: <what is wrong>``.
+`PresetError` (a ValueError) of one line: ``preset <file>: <key path>: <what is wrong>``. Names that end
+up in paths (optimizer entries, sweep grid names and string values, so every run name) must be one safe path
+component (`preset_types.SAFE_NAME`, no ``..``); the numbers of ``influence``, ``eval``, ``data`` and
+``attacks`` are range-checked here too (`INFLUENCE_RULES`, `EVAL_RULES`, `DATA_RULES`, `BUNDLED_RULES`).
 """
 
 from __future__ import annotations
