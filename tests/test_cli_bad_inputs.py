@@ -56,6 +56,8 @@ def world(tmp_path_factory) -> Path:
     (root / "str_authors.yaml").write_text("authors: many\n")
     (root / "broken.yaml").write_text("max_steps: [1,\n")
     (root / "a_list.yaml").write_text("- max_steps: 1\n")
+    (root / "bomb.yaml").write_text(alias_bomb())
+    (root / "huge.yaml").write_text("# padding\n" * 120_000)  # 1.2 MB of comments: valid YAML, too large
     (root / "results_not_soul.json").write_text(json.dumps({"forget_quality": {"agg_value": 0.5}}))
     # `soul eval --config`: every value checked against its option's type and choices (issue 20, item 16)
     (root / "int_split.yaml").write_text("forget_split: 10\n")
@@ -74,6 +76,15 @@ def world(tmp_path_factory) -> Path:
         (long / f"{name}.json").write_text(json.dumps(records))
     (root / "results_bad.json").write_text("{not json")
     return root
+
+
+def alias_bomb(levels: int = 10, width: int = 10) -> str:
+    """A YAML file of < 1 KB whose aliases expand to width**levels (1e10) scalars: each level lists the
+    previous one `width` times. Parsing it is instant; walking the result (str, deepcopy, a key check that
+    prints it) never ends."""
+    lines = ["l0: &l0 [" + ", ".join(["x"] * width) + "]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -174,6 +185,13 @@ CASES += [
     (["reproduce", "--preset", "{root}/broken.yaml", "--out", OUT], "preset {root}/broken.yaml: not valid YAML"),
     (["reproduce", "--preset", "{root}/a_list.yaml", "--out", OUT],
      "preset {root}/a_list.yaml: expected a mapping, got list"),
+    # YAML aliases expanding to 1e10 values, and a file too large to be settings: refused by that reader
+    (["unlearn", "--model", M, "--data", D, "--out", OUT, "--config", "{root}/bomb.yaml"],
+     "--config {root}/bomb.yaml: aliases expand to more than"),
+    (["unlearn", "--model", M, "--data", D, "--out", OUT, "--preset", "{root}/bomb.yaml"],
+     "preset {root}/bomb.yaml: aliases expand to more than"),
+    (["reproduce", "--preset", "{root}/bomb.yaml", "--out", OUT], "preset {root}/bomb.yaml: aliases expand to more than"),
+    (["reproduce", "--preset", "{root}/huge.yaml", "--out", OUT], "preset {root}/huge.yaml: larger than 1048576 bytes"),
     (["sweep", "--preset", "tiny", "--out", "{root}/a_file/sub"], "{root}/a_file is a file"),
     (["report", "{root}/missing.json", "--out", OUT], "{root}/missing.json"),
     (["report", "{root}/results_bad.json", "--out", OUT], "{root}/results_bad.json"),
@@ -198,3 +216,26 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, argv, expected,
     assert tree(world) == before  # no input changed, no output written
     assert not (world / "out").exists() and not (world / "r.json").exists()
     assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []  # no lock or temp file
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    """The one YAML reader bounds what aliases expand to before anything walks the data (< 2 s; without the
+    bound the file parses instantly and whatever reads it next hangs). Merge keys and small aliases still
+    work; a document that contains itself is refused too."""
+    import time
+
+    from soul.io import read_yaml_mapping
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    assert bomb.stat().st_size < 2048
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"^preset {bomb}: aliases expand to more than 100000 values"):
+        read_yaml_mapping(bomb, f"preset {bomb}")
+    assert time.perf_counter() - start < 2
+    (tmp_path / "loop.yaml").write_text("a: &a [1, *a]\n")
+    with pytest.raises(ValueError, match="refers to a node that contains it"):
+        read_yaml_mapping(tmp_path / "loop.yaml", "x")
+    (tmp_path / "ok.yaml").write_text("base: &b {lr: 1.0e-4, steps: 2}\nrun: {<<: *b, steps: 3}\nagain: *b\n")
+    assert read_yaml_mapping(tmp_path / "ok.yaml", "x") == {
+        "base": {"lr": 1.0e-4, "steps": 2}, "run": {"lr": 1.0e-4, "steps": 3}, "again": {"lr": 1.0e-4, "steps": 2}}

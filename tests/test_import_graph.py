@@ -1,8 +1,11 @@
-"""`src/soul` has no import cycle among its modules' top-level imports.
+"""`src/soul` has no import cycle, neither among its modules' top-level imports nor counting the imports
+inside functions (the layering: each package imports only downward).
 
-Edges are the imports a module runs when it is imported: statements at module level and in class bodies,
-including those under ``if``/``try``. Imports inside functions run later (when called) and imports under
-``if TYPE_CHECKING:`` never run, so neither can make importing a module fail half-way; they are not edges.
+Top-level edges are the imports a module runs when it is imported: statements at module level and in class
+bodies, including those under ``if``/``try``. Imports inside functions run later (when called) and imports
+under ``if TYPE_CHECKING:`` never run, so neither can make importing a module fail half-way; but a circle
+through them is still two modules that need each other, so a second test counts function-level imports, and
+the pipeline's test counts ``TYPE_CHECKING`` imports too (its preset types sit below the tasks and the grid).
 ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else to ``pkg``. The implicit
 import of a package's ``__init__`` before its submodule is not an edge (that direction is what packages are).
 """
@@ -31,7 +34,9 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _top_level_imports(tree: ast.Module, functions: bool = False) -> list[ast.Import | ast.ImportFrom]:
+def _top_level_imports(tree: ast.Module, functions: bool | str = False) -> list[ast.Import | ast.ImportFrom]:
+    if functions == "all":  # every import statement, TYPE_CHECKING blocks included
+        return [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
     if functions:  # every import statement, wherever it is (TYPE_CHECKING blocks still excluded)
         skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
                 for stmt in node.body for n in ast.walk(stmt)}
@@ -59,7 +64,7 @@ def _top_level_imports(tree: ast.Module, functions: bool = False) -> list[ast.Im
     return out
 
 
-def import_graph(functions: bool = False) -> dict[str, set[str]]:
+def import_graph(functions: bool | str = False) -> dict[str, set[str]]:
     modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
@@ -114,9 +119,29 @@ def test_soul_has_no_import_cycle():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
 
 
-def test_the_pipeline_package_has_no_cycle_even_through_function_level_imports():
+def test_the_pipeline_package_has_no_cycle_even_through_function_level_or_type_checking_imports():
     """The pipeline's modules do not import each other in both directions anywhere (the old
-    pipeline.py / tasks.py pair did, hidden inside functions)."""
-    graph = {m: {t for t in ts if t.startswith("soul.pipeline")} for m, ts in import_graph(functions=True).items()
+    pipeline.py / tasks.py pair did, hidden inside functions; preset ↔ grid and preset ↔ tasks did through
+    annotation-only imports): the preset types live in `preset_types`, which imports no pipeline module."""
+    graph = {m: {t for t in ts if t.startswith("soul.pipeline")} for m, ts in import_graph(functions="all").items()
              if m.startswith("soul.pipeline")}
+    assert "soul.pipeline.preset_types" in graph["soul.pipeline.grid"]  # the edge that replaced grid -> preset
+    assert not graph["soul.pipeline.preset_types"]
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+# models.py <-> safety.py (safety imports cache_dir from models inside a function) is removed on another
+# branch (the cache directory moves to a module below both). Until that branch is merged this one edge is
+# left out; delete this constant (and its use below) when merging it — the test then covers the pair too.
+KNOWN_UNTIL_MERGED = {("soul.safety", "soul.models")}
+
+
+def test_soul_has_no_import_cycle_counting_function_level_imports():
+    """Each package imports only downward, lazy imports included (attack.report <-> report.results,
+    the pipeline's preset/grid/tasks circle and soul -> soul.train -> soul were hidden inside functions)."""
+    graph = import_graph(functions=True)
+    assert "soul.report.results" in graph["soul.pipeline.api"]  # function-level and top-level edges both seen
+    assert "soul.attack.report" in graph["soul.pipeline.robustness"]  # (this one is inside a method)
+    for a, b in KNOWN_UNTIL_MERGED:
+        graph[a].discard(b)
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = SoulArgumentParser(
         prog="soul", description="Unlearning for causal LMs with second-order optimization (SOUL)."
     )
-    from soul import __version__
+    from soul._version import __version__
 
     parser.add_argument("--version", action="version", version=f"soul {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -62,6 +62,33 @@ def with_(path: str, value):
     ("seeds", [1, 1], "seeds", "repeated seed"),
     ("attacks", ["relearn"], "attacks", "expected a mapping"),
     ("attacks.relearn", 3, "attacks.relearn", "expected a mapping"),
+    # Value ranges of the influence, eval and data blocks (issue 20, items 12-15), before any work.
+    ("influence.damping", -1, "influence.damping", "must be > 0, got -1"),
+    ("influence.damping_relative", 0, "influence.damping_relative", "must be > 0"),
+    ("influence.alpha", float("nan"), "influence.alpha", "must be a finite number"),
+    ("influence.batch_size", 0, "influence.batch_size", "must be >= 1"),
+    ("influence.max_retain_batches", -2, "influence.max_retain_batches", "must be >= 1"),
+    ("influence.hessian", "exact", "influence.hessian", "expected one of ['gnb', 'fisher']"),
+    ("influence.generator", 1, "influence.generator", "unknown option"),  # code, not a preset option
+    ("eval.batch_size", 0, "eval.batch_size", "must be >= 1"),
+    ("eval.max_new_tokens", -1, "eval.max_new_tokens", "must be >= 1"),
+    ("eval.min_k", 2, "eval.min_k", "must be <= 1"),
+    ("eval.prompt_format", "xml", "eval.prompt_format", "expected one of"),
+    ("data.bundled.n_author", 5, "data.bundled.n_author",
+     "unknown key (did you mean 'n_authors'?); known: ['n_authors', 'n_perturbed', 'qas_per_author', 'seed']"),
+    ("data.bundled.n_authors", 1, "data.bundled.n_authors", "must be >= 2"),
+    ("data.bundled.n_perturbed", 9, "data.bundled.n_perturbed", "must be <= 5"),
+    ("data.source", 3, "data.source", "must be str"),
+    ("max_questions", -1, "max_questions", "must be >= 1, got -1"),
+    ("max_questions", 0, "max_questions", "must be >= 1, got 0"),
+    ("seeds", [0, -1], "seeds[1]", "must be a seed in 0..4294967295"),
+    ("seed", -1, "seed", "must be >= 0"),
+    ("attacks.relearn.seed", -3, "attacks.relearn.seed", "must be >= 0"),
+    ("attacks.relearn.train_options", {"warmup_steps": "many"}, "attacks.relearn.train_options.warmup_steps",
+     "must be int"),
+    ("description", ["a", "list"], "description", "must be str"),
+    # Names joined into paths under --out (issue 20, item 5): one safe path component each.
+    ("sweep.grid.adamw.mixed_precision", ["../../x"], "sweep.grid.adamw.mixed_precision[0]", "not a safe name"),
     # Values the type allows but the run does not: checked on each run's merged options, named by run.
     ("unlearn.common.max_steps", 0, "unlearn run graddiff-adamw", "max_steps"),
     ("unlearn.objectives.ga", {"alpha": 1.0}, "unlearn run ga-adamw", "alpha"),
@@ -73,6 +100,70 @@ def test_a_bad_nested_key_names_the_file_and_the_key_path(tmp_path, key, value, 
     msg = str(err.value)
     assert msg.startswith(f"preset {path}: {where}: "), msg
     assert problem in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name", ["x/../../../escaped", "..", "../up", "a/b", ".hidden", "-rf", "a b", "a:b"])
+def test_names_joined_into_paths_are_refused_with_their_key_path(tmp_path, name):
+    """An optimizer entry or sweep grid name becomes a run directory (``<out>/runs/<objective>-<name>-s0``):
+    `x/../../../escaped` would write outside --out, so it is refused where it is given."""
+    import copy
+
+    preset = copy.deepcopy(BASE)
+    preset["unlearn"]["optimizers"][name] = {"optimizer": "adamw"}
+    path = write(tmp_path, preset)
+    with pytest.raises(PresetError) as err:
+        load_preset(path)
+    assert str(err.value).startswith(f"preset {path}: unlearn.optimizers.{name}: {name!r} is not a safe name")
+    swept = {**BASE, "sweep": {"grid": {name: {"lr": [1.0e-3]}}}}
+    with pytest.raises(PresetError, match=r"sweep\.grid\..*is not a safe name"):
+        load_preset(write(tmp_path, swept, "s.yaml"))
+
+
+def test_safe_names_with_dots_and_pluses_are_accepted():
+    import copy
+
+    preset = copy.deepcopy(BASE)
+    preset["unlearn"]["optimizers"]["adamw-lr1e-4+wd0.1"] = {"optimizer": "adamw", "lr": 1.0e-4}
+    specs = unlearn_configs(load_preset(preset))
+    assert "graddiff-adamw-lr1e-4+wd0.1-s0" in {s["name"] for s in specs}
+
+
+def test_numeric_strings_in_the_influence_block_become_numbers():
+    """YAML reads ``1e-5`` (no dot) as a string: the checked value is the number the run gets."""
+    preset = load_preset({**BASE, "influence": {"damping": "1e-5", "batch_size": 2}})
+    assert preset.influence == {"damping": 1e-5, "batch_size": 2}
+    with pytest.raises(PresetError, match=r"influence\.damping: give either damping"):
+        load_preset({**BASE, "influence": {"damping": 1.0, "damping_relative": 0.1}})
+
+
+def test_path_under_refuses_names_that_leave_the_report_directory(tmp_path):
+    """The join itself (defense in depth): a run name that climbs out, or a symlink inside --out pointing
+    elsewhere, is refused before anything is written."""
+    from soul.pipeline.common import path_under
+
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    assert path_under(out, "runs", "graddiff-adamw-s0") == out / "runs" / "graddiff-adamw-s0"
+    for parts in (("runs", "x/../../../escaped"), ("runs", "/etc"), ("runs", ".."), ("..",)):
+        with pytest.raises(ValueError, match="would leave the report directory"):
+            path_under(out, *parts)
+    (tmp_path / "elsewhere").mkdir()
+    (out / "attacks").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="would leave the report directory"):
+        path_under(out, "attacks", "graddiff-adamw-s0.json")
+
+
+def test_max_questions_cap_never_slices_from_the_end():
+    """`Task.cap` with a negative count would have scored N-1 questions (``records[:-1]``); it refuses."""
+    import dataclasses
+
+    preset = load_preset(BASE)
+    task = preset.task_impl
+    assert task.cap([1, 2, 3], dataclasses.replace(preset, max_questions=2)) == [1, 2]
+    assert task.cap([1, 2, 3], preset) == [1, 2, 3]
+    for bad in (-1, 0):
+        with pytest.raises(ValueError, match="max_questions: must be a positive integer"):
+            task.cap([1, 2, 3], dataclasses.replace(preset, max_questions=bad))
 
 
 def test_valid_entries_aliases_and_pass_through_keys(tmp_path):
@@ -127,6 +218,10 @@ def test_read_preset_is_raw_and_editable():
     ("unlearn.optimizers.sophia.estimatr", "gnb", "unlearn.optimizers.sophia.estimatr"),
     ("unlearn.optimizers.adamw.lr", "fast", "unlearn.optimizers.adamw.lr"),
     ("eval.max_new_tokns", 8, "eval.max_new_tokns"),
+    ("influence.damping", -1, "influence.damping"),
+    ("data.bundled.n_author", 5, "data.bundled.n_author"),
+    ("max_questions", -1, "max_questions"),
+    ("seeds", [-1], "seeds[0]"),
 ])
 def test_cli_reproduce_rejects_a_bad_preset_before_any_model(tmp_path, capsys, no_models, key, value, where):
     from soul.cli import main
@@ -149,7 +244,31 @@ def test_cli_only_matching_nothing_and_bad_seeds_exit_2(tmp_path, capsys, no_mod
     with pytest.raises(SystemExit) as exit_:
         main(["reproduce", "--preset", str(path), "--out", str(tmp_path / "o"), "--seeds", "0,x"])
     assert exit_.value.code == 2 and "expected integers" in capsys.readouterr().err
+    for seeds, problem in (("-1", "seeds must be integers in 0..4294967295, got '-1'"), ("0,1,0", "a seed is repeated")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["reproduce", "--preset", str(path), "--out", str(tmp_path / "o"), "--seeds", seeds])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and "--seeds" in err[0] and problem in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_an_escaping_optimizer_entry_before_anything_is_written(tmp_path, capsys, no_models):
+    """``x/../../../escaped`` as an optimizer entry: exit 2, one line naming the file and the key path, no
+    report directory and nothing written next to it."""
+    import copy
+
+    from soul.cli import main
+
+    preset = copy.deepcopy(BASE)
+    preset["unlearn"]["optimizers"] = {"x/../../../escaped": {"optimizer": "adamw"}}
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    path = write(work, preset)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["reproduce", "--preset", str(path), "--out", str(work / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"preset {path}: unlearn.optimizers.x/../../../escaped: " in err[0], err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_cli_seeds_reach_the_runs(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Robustness columns for the results table and the recovery plot, from `run_attacks` results.
 
-Columns (`attack_columns`, each a `soul.report.results.Column` of group ``"robustness"``; values from
+Columns (`attack_columns`, each a `soul.columns.Column` of group ``"robustness"``; values from
 `row_values`):
 
 * ``relearn_recovery_prob`` / ``relearn_recovery_rouge`` — relearning recovery of the held-out forget
@@ -23,13 +23,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from soul.columns import OBJECTIVE_NAMES, OPTIMIZER_NAMES, Column
+
 GROUP = "robustness"
 
 
-def attack_columns(bits: Sequence[int] = (4,)) -> tuple:
+def attack_columns(bits: Sequence[int] = (4,)) -> tuple[Column, ...]:
     """The robustness columns for quantization at `bits` (see the module doc), in table order."""
-    from soul.report.results import Column
-
     cols = [
         Column("relearn_recovery_prob", "Relearn recovery (prob.)", (), False, False, GROUP),
         Column("relearn_recovery_rouge", "Relearn recovery (ROUGE-L)", (), False, False, GROUP),
@@ -102,8 +102,6 @@ def _recovery_plot(rows: Sequence[dict[str, Any]], metric: str = "prob", title: 
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from soul.report.results import OBJECTIVE_NAMES, OPTIMIZER_NAMES
 
     if metric not in ("prob", "rouge"):
         raise ValueError(f"metric must be 'prob' or 'rouge', got {metric!r}")

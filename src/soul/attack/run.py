@@ -352,7 +352,7 @@ def run_attacks(model, tokenizer=None, *, attacks_cfg, data, forget_split: str =
     model, tokenizer, source = resolve_model(model, tokenizer)
     mine = _attack_model(model, tokenizer, plan, "unlearned")
     target, retain = reference_results.get("target") or {}, reference_results.get("retain") or {}
-    from soul import __version__
+    from soul._version import __version__
 
     result: dict[str, Any] = {"meta": {
         "tool": TOOL, "version": __version__, "model": source, "forget_split": forget_split, "n_forget": len(forget),

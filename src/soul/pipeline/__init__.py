@@ -8,7 +8,8 @@ options per optimizer (× seeds) for one objective and reports the Pareto front 
 
 With ``attacks:`` in the preset, `reproduce` also attacks each unlearned model (`robustness`, `soul.attack`).
 
-Module graph (no cycles): common ← tasks ← grid/preset ← stages, robustness ← api ← this package.
+Module graph (no cycles, function-level imports included): preset_types, common ← tasks, grid ← preset ←
+stages, robustness ← api ← this package.
 """
 
 from __future__ import annotations

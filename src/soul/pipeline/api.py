@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from soul.pipeline.common import Progress, base_model, resolve_device
+from soul.pipeline.common import Progress, base_model, path_under, resolve_device
 from soul.pipeline.grid import select, sweep_grid, unlearn_configs
 from soul.pipeline.preset import Preset, load_preset
 from soul.pipeline.robustness import Robustness, describe
@@ -105,10 +105,10 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
         for i, spec in enumerate(specs, 1):
             progress.say(f"run {i}/{n}: {spec['name']} ({spec['objective']} + {spec['optimizer']}, seed {spec['seed']})")
             model, tokenizer, run = unlearning_run(spec, ctx["target_path"], preset, ctx["data"],
-                                                   out / "runs" / spec["name"], keep_models)
+                                                   path_under(out, "runs", spec["name"]), keep_models)
             progress.say(f"run {i}/{n}: {spec['name']} trained in {run['wall_time_s']:.1f} s; evaluating")
             run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
-                                          out / "eval" / f"{spec['name']}.json")
+                                          path_under(out, "eval", f"{spec['name']}.json"))
             _attack(robust, model, tokenizer, run, progress, f"run {i}/{n}")
             del model
             runs.append(run)
@@ -150,9 +150,9 @@ def sweep(preset: PresetLike, out_dir: str | os.PathLike, *, stream: TextIO | st
         for i, spec in enumerate(specs, 1):
             progress.say(f"run {i}/{len(specs)}: {spec['optimizer']} {spec['point']} seed {spec['seed']}")
             model, tokenizer, run = unlearning_run(spec, ctx["target_path"], preset, ctx["data"],
-                                                   out / "runs" / spec["name"], False)
+                                                   path_under(out, "runs", spec["name"]), False)
             res = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
-                               out / "eval" / f"{spec['name']}.json")
+                               path_under(out, "eval", f"{spec['name']}.json"))
             del model
             run["metrics"] = res
             run["label"] = run_label(run) + " " + " ".join(f"{k}={v}" for k, v in spec["point"].items())

@@ -16,10 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-if TYPE_CHECKING:  # annotations only: the preset module imports the task registry, which imports this one
-    from soul.pipeline.preset import Preset
+if TYPE_CHECKING:  # annotations only
+    from soul.pipeline.preset_types import Preset
 
 CACHE_VERSION = 1  # bump when the meaning of a cached model or result changes
+
+
+def path_under(root: str | os.PathLike, *parts: str) -> Path:
+    """``root / parts...``, refused (ValueError) unless it resolves inside `root`: run and file names come
+    from the preset, and `load_preset` checks them, but a path outside the report directory is never written
+    whatever the names (defense in depth; symlinks resolved on both sides)."""
+    base = Path(root).resolve()
+    path = Path(root).joinpath(*parts)
+    if not path.resolve().is_relative_to(base) or path.resolve() == base:
+        raise ValueError(f"{path}: a run or file name {'/'.join(parts)!r} would leave the report directory "
+                         f"{root}; names must be one path component ([A-Za-z0-9._+-], no '..')")
+    return path
 
 
 def sha(obj: Any) -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # annotations only (preset.py imports this module)
-    from soul.pipeline.preset import Preset
+if TYPE_CHECKING:  # annotations only
+    from soul.pipeline.preset_types import Preset
 
 
 def _per_seed(preset: Preset, group: str, base: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:

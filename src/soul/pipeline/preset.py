@@ -32,21 +32,41 @@ Options are `soul.train.TrainConfig` fields, type-checked from its annotations (
 each run's merged options then go through `soul.train.make_config`, and objective coefficients through
 `soul.objectives.build_objective`. An *optimizer entry* names a run column: ``sophia-auto: {optimizer:
 sophia, rho: auto}`` runs Sophia with ρ = auto under the name ``sophia-auto``. Every error is a
-`PresetError` (a ValueError) of one line: ``preset <file>: <key path>: <what is wrong>``.
+`PresetError` (a ValueError) of one line: ``preset <file>: <key path>: <what is wrong>``. Names that end
+up in paths (optimizer entries, sweep grid names and string values, so every run name) must be one safe path
+component (`preset_types.SAFE_NAME`, no ``..``); the numbers of ``influence``, ``eval``, ``data`` and
+``attacks`` are range-checked here too (`INFLUENCE_RULES`, `EVAL_RULES`, `DATA_RULES`, `BUNDLED_RULES`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from soul.pipeline.grid import sweep_grid, unlearn_configs
+from soul.pipeline.preset_types import (
+    MAX_SEED,
+    OptimizerEntry,
+    Preset,
+    PresetError,
+    Reference,
+    Sweep,
+    Unlearn,
+    check_seeds,
+    unsafe_name,
+)
 from soul.pipeline.tasks import TASKS, Task
+
+# The preset types live in `preset_types` (imported by grid and tasks without importing back); they are
+# re-exported here for `from soul.pipeline.preset import Preset, PresetError`.
+__all__ = ["OptimizerEntry", "Preset", "PresetError", "Reference", "Sweep", "Unlearn", "list_presets",
+           "load_preset", "read_preset"]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 PRESET_PREFIX = "reproduce-"
@@ -58,95 +78,43 @@ FORTHCOMING_OPTIMIZERS = ("signum", "lion")
 LIB_OPTIMIZER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "pytorch_optimizer:Lion"
 AUTO_OPTIONS = {"rho": "auto"}  # options that may be a keyword instead of a number
 INFLUENCE_EXTRA = ("batch_size", "max_retain_batches")
+# Value rules, checked before any work: key -> (kind, low, high, low exclusive, may be null). Kinds: "int",
+# "float" (finite), or a tuple of allowed strings. `influence_unlearn`'s own checks, and what each task reads.
+Rule = tuple[Any, float | None, float | None, bool, bool]
+INFLUENCE_RULES: dict[str, Rule] = {
+    "alpha": ("float", 0, None, True, False),
+    "damping": ("float", 0, None, True, True),
+    "damping_relative": ("float", 0, None, True, True),
+    "hessian": (("gnb", "fisher"), None, None, False, False),
+    "hessian_data": (("retain", "forget", "both"), None, None, False, False),
+    "batch_size": ("int", 1, None, False, False),
+    "max_retain_batches": ("int", 1, None, False, True),
+}
+EVAL_RULES: dict[str, Rule] = {
+    "batch_size": ("int", 1, None, False, False),
+    "generation_batch_size": ("int", 1, None, False, True),
+    "max_new_tokens": ("int", 1, None, False, False),
+    "prefix_tokens": ("int", 1, None, False, False),
+    "min_k": ("float", 0, 1, True, False),
+    "threshold": ("float", 0, 1, False, False),
+    "prompt_format": (("auto", "chat", "plain", "raw"), None, None, False, False),
+    "scorer": (str, None, None, False, False),
+}
+# ``data`` keys of every task (numbers: sizes and counts; the rest strings); ``data.bundled``: bundled_dir's.
+DATA_RULES: dict[str, Rule] = {
+    **{k: ("int", 1, None, False, True) for k in ("n_forget", "n_retain", "passage_words", "prefix_words",
+                                                  "continuation_words")},
+    **{k: (str, None, None, False, True) for k in ("text_field", "retain_source", "split", "retain_split",
+                                                   "mc_source", "mc_name", "mc_split", "utility_mc_source",
+                                                   "utility_mc_name", "utility_mc_split")},
+}
+SEED_RULE: Rule = ("int", 0, MAX_SEED, False, False)
+BUNDLED_RULES: dict[str, Rule] = {"n_authors": ("int", 2, None, False, False),
+                                  "qas_per_author": ("int", 1, None, False, False),
+                                  "seed": SEED_RULE,
+                                  "n_perturbed": ("int", 3, 5, False, False)}
 # TrainConfig options the pipeline sets itself for every run (from the task and the command line).
 PIPELINE_OPTIONS = ("forget_split", "retain_split", "split", "progress")
-
-
-class PresetError(ValueError):
-    """A bad preset: ``preset <file>: <key path>: <problem>``."""
-
-    def __init__(self, where: str, path: str, problem: str) -> None:
-        self.where, self.path, self.problem = where, path, problem
-        super().__init__(f"preset {where}: {path + ': ' if path else ''}{problem}")
-
-
-@dataclass
-class OptimizerEntry:
-    """One optimizer column of the grid: `name` labels the runs, `optimizer` is what `build_optimizer`
-    builds, `options` are TrainConfig options (lr, rho, hessian_interval, ...)."""
-
-    name: str
-    optimizer: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Reference:
-    """A reference model (target or retain): a ready `model`, or a fine-tune of the base with `finetune`."""
-
-    model: str | None = None
-    finetune: dict[str, Any] | None = None
-
-
-@dataclass
-class Unlearn:
-    common: dict[str, Any] = field(default_factory=dict)
-    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
-    optimizers: dict[str, OptimizerEntry] = field(default_factory=dict)
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
-class Sweep:
-    objective: str = "graddiff"
-    base: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
-
-
-@dataclass
-class Preset:
-    """A validated preset (see the module docstring). `where` is the file it came from (for messages)."""
-
-    name: str
-    where: str
-    task: str = "tofu"
-    description: str = ""
-    model: str = "smollm2-135m"
-    dtype: str | None = None
-    device: str = "auto"
-    prompt_format_option: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-    forget_split: str = "forget10"
-    retain_split: str | None = None
-    holdout_split: str | None = None
-    utility_splits: list[str] = field(default_factory=list)
-    max_questions: int | None = None
-    target: Reference = field(default_factory=Reference)
-    retain: Reference = field(default_factory=Reference)
-    unlearn: Unlearn = field(default_factory=Unlearn)
-    influence: dict[str, Any] | None = None
-    eval: dict[str, Any] = field(default_factory=dict)
-    sweep: Sweep | None = None
-    seed: int = 0
-    seeds: list[int] = field(default_factory=lambda: [0])
-    progress_bars: bool = True
-    attacks: dict[str, Any] | None = None  # `soul.attack.run.normalize_config`'s output (run_attacks' attacks_cfg)
-    attack_seeds: list[int] | None = None  # the seeds whose unlearned models are attacked (None: every seed)
-    attack_influence: bool = True  # attack the one-shot influence model too
-
-    @property
-    def task_impl(self) -> Task:
-        return TASKS[self.task]()
-
-    @property
-    def prompt_format(self) -> str:
-        """The preset's prompt format, else the task's default (``raw`` for text corpora, ``auto`` else)."""
-        return self.prompt_format_option or self.task_impl.default_prompt_format
-
-    def with_seeds(self, seeds: list[int]) -> Preset:
-        """A copy running `seeds` instead (the command line's ``--seeds``)."""
-        checked = _Checker(self.where).seeds(seeds, "seeds")
-        return dataclasses.replace(self, seeds=checked)
 
 
 TOP_KEYS = ("name", "description", "task", "model", "dtype", "device", "data", "forget_split", "retain_split",
@@ -255,13 +223,42 @@ class _Checker:
         return value
 
     def seeds(self, value: Any, path: str) -> list[int]:
-        if not isinstance(value, list) or not value:
-            raise self.fail(path, f"must be a non-empty list of integers, got {value!r}")
-        for i, s in enumerate(value):
-            self.typed(s, f"{path}[{i}]", int)
-        if len(set(value)) != len(value):
-            raise self.fail(path, f"has a repeated seed: {value!r}")
-        return list(value)
+        return check_seeds(value, self.where, path)
+
+    def name(self, value: Any, path: str) -> str:
+        """A name the pipeline joins into paths (run directories, result files): one safe path component."""
+        problem = unsafe_name(value)
+        if problem:
+            raise self.fail(path, f"{problem} (it names run directories and files)")
+        return value
+
+    def ruled(self, value: Any, path: str, rule: Rule) -> Any:
+        """`value` checked against `rule` (see INFLUENCE_RULES); numeric strings ("1e-5") become numbers."""
+        kind, low, high, low_open, nullable = rule
+        if value is None:
+            if nullable:
+                return None
+            raise self.fail(path, "must not be null")
+        if isinstance(kind, tuple):
+            if value not in kind:
+                raise self.fail(path, f"expected one of {list(kind)}, got {value!r}")
+            return value
+        if kind is str:
+            return self.typed(value, path, str)
+        if kind == "float" and isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        number = self.typed(value, path, int if kind == "int" else float)
+        if not math.isfinite(number):
+            raise self.fail(path, f"must be a finite number, got {value!r}")
+        if low is not None and (number <= low if low_open else number < low):
+            raise self.fail(path, f"must be {'>' if low_open else '>='} {low}, got {value!r}")
+        if high is not None and number > high:
+            raise self.fail(path, f"must be <= {high}, got {value!r}")
+        return number
+
+    def ruled_mapping(self, value: dict[str, Any], rules: dict[str, Rule], path: str) -> dict[str, Any]:
+        return {k: self.ruled(v, f"{path}.{k}", rules[k]) if k in rules else v for k, v in value.items()}
 
     def option(self, key: str, value: Any, path: str) -> Any:
         """One TrainConfig option, type-checked from the field's annotation."""
@@ -373,6 +370,7 @@ def _unlearn(c: _Checker, value: Any) -> Unlearn:
     entries = {}
     for name, opts in optimizers.items():
         path = f"unlearn.optimizers.{name}"
+        c.name(name, path)  # joined into run names, hence into paths under --out
         opts = c.options(opts, path, fixed=("objective", "seed"))
         kind = opts.pop("optimizer", None) or c.optimizer_name(str(name), path)
         entries[str(name)] = OptimizerEntry(name=str(name), optimizer=kind, options=opts)
@@ -398,6 +396,7 @@ def _sweep(c: _Checker, value: Any, unl: Unlearn) -> Sweep | None:
     grid = {}
     for opt, axes in c.mapping(sw.get("grid"), "sweep.grid").items():
         path = f"sweep.grid.{opt}"
+        c.name(opt, path)
         if opt not in unl.optimizers:
             c.optimizer_name(str(opt), path)
         axes = c.mapping(axes, path)
@@ -411,22 +410,22 @@ def _sweep(c: _Checker, value: Any, unl: Unlearn) -> Sweep | None:
             if not values:
                 raise c.fail(f"{path}.{key}", "an empty list of values")
             grid[str(opt)][key] = [c.option(key, v, f"{path}.{key}[{i}]") for i, v in enumerate(values)]
+            for i, v in enumerate(grid[str(opt)][key]):
+                if isinstance(v, str):  # a grid point's values are part of its run name
+                    c.name(v, f"{path}.{key}[{i}]")
     return Sweep(objective=objective, base=base, grid=grid)
 
 
 def _influence(c: _Checker, value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
-    import inspect
-
-    from soul.optim.influence import influence_unlearn
-
-    params = inspect.signature(influence_unlearn).parameters
-    known = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} | set(INFLUENCE_EXTRA)
+    # Only the options a preset can give: influence_unlearn's loss_fn, params and generator are code.
     cfg = c.mapping(value, "influence")
-    c.keys(cfg, known, "influence", "option")
-    for key in INFLUENCE_EXTRA:
-        c.typed(cfg.get(key), f"influence.{key}", int, allow_none=True)
+    c.keys(cfg, tuple(INFLUENCE_RULES), "influence", "option")
+    cfg = c.ruled_mapping(cfg, INFLUENCE_RULES, "influence")
+    if cfg.get("damping") is not None and cfg.get("damping_relative") is not None:
+        raise c.fail("influence.damping", "give either damping (absolute) or damping_relative (a fraction of "
+                                          "the mean curvature), not both")
     return cfg
 
 
@@ -451,6 +450,16 @@ def _attacks(c: _Checker, value: Any, seeds: list[int], task: Task) -> tuple[dic
         elif options is not None and not isinstance(options, bool):
             raise c.fail(f"attacks.{name}", f"expected a mapping of options, null (defaults) or false (off), "
                                             f"got {options!r}")
+    relearn = spec.get("relearn")
+    if isinstance(relearn, dict):
+        if "seed" in relearn:
+            c.ruled(relearn["seed"], "attacks.relearn.seed", SEED_RULE)
+        options = relearn.get("train_options")
+        if isinstance(options, dict):
+            for key, v in options.items():
+                name = str(key).replace("-", "_")
+                if name in c.fields:
+                    c.option(name, v, f"attacks.relearn.train_options.{key}")
     attack_seeds = None
     if spec.get("seeds") is not None:
         attack_seeds = c.seeds(spec["seeds"], "attacks.seeds")
@@ -476,11 +485,21 @@ def _build(raw: dict[str, Any], c: _Checker) -> Preset:
         raise c.fail("task", f"task {task!r} is not supported by `soul reproduce`; supported: {list(TASKS)}")
     impl = TASKS[task]()
     s = lambda key, default=None: c.typed(raw.get(key, default), key, str, allow_none=True)  # noqa: E731
+    for key in ("name", "description", "model"):
+        c.typed(raw.get(key), key, str, allow_none=True)
     data = c.mapping(raw.get("data"), "data")
     c.keys(data, impl.data_keys, "data")
+    c.typed(data.get("source"), "data.source", str, allow_none=True)
+    data = c.ruled_mapping(data, DATA_RULES, "data")
+    if data.get("bundled") is not None:
+        bundled = c.mapping(data["bundled"], "data.bundled")
+        c.keys(bundled, tuple(BUNDLED_RULES), "data.bundled")
+        data["bundled"] = c.ruled_mapping(bundled, BUNDLED_RULES, "data.bundled")
+        _check_bundled(c, data["bundled"])
     ev = c.mapping(raw.get("eval"), "eval")
     c.keys(ev, impl.eval_keys, "eval")
-    seed = c.typed(raw.get("seed", 0), "seed", int)
+    ev = c.ruled_mapping(ev, EVAL_RULES, "eval")
+    seed = c.ruled(raw.get("seed", 0), "seed", SEED_RULE)
     seeds = c.seeds(raw["seeds"], "seeds") if "seeds" in raw else [seed]
     utility = raw.get("utility_splits")
     if utility is not None:
@@ -490,12 +509,12 @@ def _build(raw: dict[str, Any], c: _Checker) -> Preset:
     attacks, attack_seeds, attack_influence = _attacks(c, raw.get("attacks"), seeds, impl)
     unl = _unlearn(c, raw.get("unlearn"))
     preset = Preset(
-        name=str(raw.get("name", "preset")), where=c.where, task=task,
+        name=str(raw.get("name", "preset")), where=c.where, task=task, task_impl=impl,
         description=str(raw.get("description", "")), model=str(raw.get("model", "smollm2-135m")),
         dtype=s("dtype"), device=s("device", "auto") or "auto", prompt_format_option=s("prompt_format"),
         data=data, forget_split=s("forget_split", "forget10") or "forget10", retain_split=s("retain_split"),
         holdout_split=s("holdout_split"), utility_splits=list(utility) if utility is not None else [],
-        max_questions=c.typed(raw.get("max_questions"), "max_questions", int, allow_none=True),
+        max_questions=c.ruled(raw.get("max_questions"), "max_questions", ("int", 1, None, False, True)),
         target=_reference(c, raw.get("target"), "target"), retain=_reference(c, raw.get("retain"), "retain"),
         unlearn=unl, influence=_influence(c, raw.get("influence")), eval=ev, sweep=_sweep(c, raw.get("sweep"), unl),
         seed=seed, seeds=seeds, progress_bars=c.typed(raw.get("progress_bars", True), "progress_bars", bool),
@@ -507,12 +526,27 @@ def _build(raw: dict[str, Any], c: _Checker) -> Preset:
     return preset
 
 
+def _check_bundled(c: _Checker, bundled: dict[str, Any]) -> None:
+    """``data.bundled``: the ranges `soul.data.bundled_dir` (`check_benchmark_args`) enforces."""
+    from soul.data.generate import check_benchmark_args
+
+    try:
+        check_benchmark_args(bundled.get("n_authors", 20), bundled.get("qas_per_author", 10),
+                             bundled.get("n_perturbed", 4))
+    except ValueError as err:
+        key = next((k for k in ("n_authors", "qas_per_author", "n_perturbed") if str(err).startswith(k)), "")
+        raise c.fail(f"data.bundled.{key}" if key else "data.bundled", str(err)) from None
+
+
 def _check_runs(preset: Preset, c: _Checker) -> None:
-    """Every run's merged options are a valid TrainConfig and objective (value ranges, coefficients)."""
+    """Every run's merged options are a valid TrainConfig and objective (value ranges, coefficients), and
+    every run name is one safe path component (the names' parts were checked where they were given)."""
     for spec in unlearn_configs(preset):
+        c.name(spec["name"], f"unlearn run {spec['group']}")
         c.run_config(spec["config"], spec["objective"], spec["optimizer_type"], f"unlearn run {spec['group']}")
     if preset.sweep is not None and preset.sweep.grid:
         for spec in sweep_grid(preset):
+            c.name(spec["name"], f"sweep run {spec['group']}")
             c.run_config(spec["config"], spec["objective"], spec["optimizer_type"], f"sweep run {spec['group']}")
     for role in ("target", "retain"):
         ft = getattr(preset, role).finetune

@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from soul.pipeline.common import Progress, load
+from soul.pipeline.common import Progress, load, path_under
+from soul.pipeline.preset_types import PresetError
 
 if TYPE_CHECKING:
-    from soul.pipeline.preset import Preset
+    from soul.pipeline.preset_types import Preset
 
 
 def describe(cfg: dict[str, Any]) -> str:
@@ -58,7 +59,6 @@ class Robustness:
         """The attacks' forget records, checked (two authors for relearning, paraphrases for the probe) as
         soon as the data is read: a `PresetError` naming ``attacks`` before any model is trained."""
         from soul.attack.run import check_inputs
-        from soul.pipeline.preset import PresetError
 
         self.forget = self.preset.task_impl.attack_records(self.preset, data)
         try:
@@ -98,7 +98,7 @@ class Robustness:
         from soul.attack import run_attacks
         from soul.attack.report import row_values
 
-        path = self.out / "attacks" / f"{run['name']}.json"
+        path = path_under(self.out, "attacks", f"{run['name']}.json")
         result = run_attacks(model, tokenizer, attacks_cfg=self.cfg, data={self.split: self.forget},
                              forget_split=self.split, eval_kwargs=self.eval_kwargs(),
                              reference_results=self.references, out=path)

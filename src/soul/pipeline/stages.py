@@ -19,7 +19,7 @@ from typing import Any
 
 from soul.io import write_json_atomic, write_text_atomic
 from soul.pipeline.common import CACHE_VERSION, Progress, hash_records, load, model_fingerprint, sha
-from soul.pipeline.preset import Preset
+from soul.pipeline.preset_types import Preset
 from soul.report.diagnostics import run_diagnostics
 
 

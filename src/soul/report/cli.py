@@ -14,6 +14,13 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,1,2; got {text!r}") from None
     if not seeds:
         raise argparse.ArgumentTypeError("expected at least one seed, e.g. 0,1,2")
+    from soul.pipeline.preset_types import MAX_SEED
+
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise argparse.ArgumentTypeError(f"seeds must be integers in 0..{MAX_SEED}, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated (each seed is one run per setting), got {text!r}")
     return seeds
 
 

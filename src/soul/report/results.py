@@ -20,37 +20,24 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from soul.attack.report import GROUP as ROBUSTNESS
 from soul.attack.report import attack_columns as _attack_columns
 
+# Defined in soul.columns (shared with soul.attack.report without a circle); still importable from here.
+from soul.columns import OBJECTIVE_NAMES as OBJECTIVE_NAMES
+from soul.columns import OPTIMIZER_NAMES as OPTIMIZER_NAMES
+from soul.columns import Column
+
 ROLES = ("target", "retain", "unlearned", "influence")
 ROLE_LABELS = {"target": "Original (target)", "retain": "Retain", "influence": "Influence (one-shot)"}
 
-OBJECTIVE_NAMES = {
-    "ga": "GA", "graddiff": "GradDiff", "ga_kl": "GA+KL", "po": "PO", "npo": "NPO", "npo_rt": "NPO+RT",
-    "simnpo": "SimNPO", "dpo": "DPO",
-}
-OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "sophia": "Sophia", "signum": "Signum", "lion": "Lion"}
 # First order (gradient only), second order (curvature-preconditioned), or sign steps without curvature
 # (the control that separates Sophia's clipping-to-sign from its curvature).
 OPTIMIZER_ORDER = {"adamw": "FO", "sgd": "FO", "sophia": "SO", "signum": "sign", "lion": "sign"}
 ORDER_TAGS = {"FO": "FO", "SO": "SO", "sign": "sign, no curvature"}
-
-
-@dataclass(frozen=True)
-class Column:
-    key: str                 # key in a table row
-    title: str               # column header
-    metrics: tuple[str, ...]  # eval-result keys, first present wins (() = not an eval metric)
-    bounded: bool = True     # a value in [0, 1]
-    higher_is_better: bool | None = None  # None: neither (closeness to the retain model matters)
-    group: str = "tofu"      # the task whose table shows it ("all": every table), see `visible_columns`
-    field: str = "agg_value"  # the entry's field holding the value
-    diagnostic: str | None = None  # a key of the run's ``diagnostics`` (soul.report.diagnostics) instead
 
 
 COLUMNS: tuple[Column, ...] = (

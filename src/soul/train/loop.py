@@ -244,10 +244,10 @@ def versions() -> dict[str, str]:
     import accelerate
     import transformers
 
-    import soul
+    from soul._version import __version__
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "accelerate": accelerate.__version__, "soul": soul.__version__}
+           "accelerate": accelerate.__version__, "soul": __version__}
     with contextlib.suppress(ImportError):
         import peft
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from soul.pipeline.common import sha
 
-if TYPE_CHECKING:  # annotations only: the preset module imports the task registry
-    from soul.pipeline.preset import Preset
+if TYPE_CHECKING:  # annotations only
+    from soul.pipeline.preset_types import Preset
 
 Fail = Callable[[str, str], Exception]  # (key path, problem) -> the error to raise
 
@@ -75,4 +75,11 @@ class Task:
         return None
 
     def cap(self, records: list, preset: Preset) -> list:
-        return records[:preset.max_questions] if preset.max_questions else records
+        """The first ``max_questions`` records (all when it is None). `load_preset` refuses anything but a
+        positive integer; checked again here because a slice by 0 or -1 would silently drop records."""
+        n = preset.max_questions
+        if n is None:
+            return records
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"preset {preset.where}: max_questions: must be a positive integer or null, got {n!r}")
+        return records[:n]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from soul.pipeline.tasks.base import Task
 
 if TYPE_CHECKING:
-    from soul.pipeline.preset import Preset
+    from soul.pipeline.preset_types import Preset
 
 CORPUS_KEYS = ("source", "n_forget", "passage_words", "prefix_words", "continuation_words", "text_field",
                "retain_source", "n_retain")

@@ -18,7 +18,7 @@ from soul.pipeline.tasks.base import Task
 from soul.pipeline.tasks.copyright import examples_from
 
 if TYPE_CHECKING:
-    from soul.pipeline.preset import Preset
+    from soul.pipeline.preset_types import Preset
 
 
 def answer_probability(model, tokenizer, records: list[dict], *, prompt_format: str = "auto",

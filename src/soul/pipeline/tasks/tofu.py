@@ -16,7 +16,7 @@ from soul.pipeline.common import hash_records, sha
 from soul.pipeline.tasks.base import Fail, Task
 
 if TYPE_CHECKING:
-    from soul.pipeline.preset import Preset
+    from soul.pipeline.preset_types import Preset
 
 DEFAULT_UTILITY_SPLITS = ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed")
 # data.subset keys: the keyword arguments of soul.data.tofu_subset -> (type, may be null, minimum)

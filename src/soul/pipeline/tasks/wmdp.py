@@ -16,7 +16,7 @@ from soul.pipeline.tasks.base import Fail, Task
 from soul.pipeline.tasks.copyright import CORPUS_KEYS, corpus_qa
 
 if TYPE_CHECKING:
-    from soul.pipeline.preset import Preset
+    from soul.pipeline.preset_types import Preset
 
 
 class WmdpTask(Task):
