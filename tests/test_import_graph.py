@@ -130,18 +130,10 @@ def test_the_pipeline_package_has_no_cycle_even_through_function_level_or_type_c
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
 
 
-# models.py <-> safety.py (safety imports cache_dir from models inside a function) is removed on another
-# branch (the cache directory moves to a module below both). Until that branch is merged this one edge is
-# left out; delete this constant (and its use below) when merging it — the test then covers the pair too.
-KNOWN_UNTIL_MERGED = {("soul.safety", "soul.models")}
-
-
 def test_soul_has_no_import_cycle_counting_function_level_imports():
     """Each package imports only downward, lazy imports included (attack.report <-> report.results,
     the pipeline's preset/grid/tasks circle and soul -> soul.train -> soul were hidden inside functions)."""
     graph = import_graph(functions=True)
     assert "soul.report.results" in graph["soul.pipeline.api"]  # function-level and top-level edges both seen
     assert "soul.attack.report" in graph["soul.pipeline.robustness"]  # (this one is inside a method)
-    for a, b in KNOWN_UNTIL_MERGED:
-        graph[a].discard(b)
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"

@@ -88,7 +88,7 @@ _PALETTE = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "ta
 def recovery_plot(rows: Sequence[dict[str, Any]], metric: str = "prob", title: str | None = None) -> bytes:
     """`_recovery_plot` with matplotlib's mathtext off (`soul.report.plots.literal_text`): a ``$`` in a
     preset's optimizer or objective name is drawn as it is, not parsed as TeX."""
-    from soul.report.plots import literal_text  # soul.report imports this module: imported when drawing
+    from soul.literal_text import literal_text
 
     return literal_text(_recovery_plot)(rows, metric, title)
 

@@ -9,16 +9,15 @@ PNG bytes so the caller writes them atomically and embeds them in report.html.
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from soul.literal_text import literal_text
 from soul.report.pareto import FQ, MU, pareto_front
 from soul.report.results import COLUMNS, OBJECTIVE_NAMES, OPTIMIZER_ORDER, optimizer_label, optimizer_type
 
@@ -30,18 +29,6 @@ FQ_FLOOR = 1e-12
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def literal_text(draw: F) -> F:
-    """Run `draw` with matplotlib's mathtext off: labels come from user data (method labels, preset entry
-    names), and text between two ``$`` in one was parsed as TeX math — ``$x^$`` or ``$\\foo$`` made `soul report`
-    fail and write nothing. Text objects read ``text.parse_math`` when created, so it must be off while the figure is built."""
-    @functools.wraps(draw)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with matplotlib.rc_context({"text.parse_math": False}):
-            return draw(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _png(fig: Figure) -> bytes:
