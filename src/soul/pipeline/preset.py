@@ -93,6 +93,7 @@ INFLUENCE_RULES: dict[str, Rule] = {
 EVAL_RULES: dict[str, Rule] = {
     "batch_size": ("int", 1, None, False, False),
     "generation_batch_size": ("int", 1, None, False, True),
+    "max_length": ("int", 2, None, False, True),
     "max_new_tokens": ("int", 1, None, False, False),
     "prefix_tokens": ("int", 1, None, False, False),
     "min_k": ("float", 0, 1, True, False),

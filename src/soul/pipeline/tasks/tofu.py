@@ -36,7 +36,8 @@ def derived_split(forget_split: str, kind: str) -> str:
 class TofuTask(Task):
     name = "tofu"
     data_keys = ("source", "bundled", "subset")
-    eval_keys = ("batch_size", "generation_batch_size", "max_new_tokens", "min_k", "prompt_format", "mixed_precision")
+    eval_keys = ("batch_size", "generation_batch_size", "max_new_tokens", "min_k", "prompt_format", "mixed_precision",
+                 "max_length")
     reference_roles = ("target", "retain")
     supports_sweep = True
     supports_attacks = True
@@ -197,7 +198,8 @@ class TofuTask(Task):
 
         splits, holdout = self.eval_splits(preset, data)
         return evaluate(model, tokenizer, splits, forget_split_name=preset.forget_split,
-                        retain_reference=reference, holdout=holdout, **self.eval_kwargs(preset))
+                        retain_reference=reference, holdout=holdout, max_length=preset.eval.get("max_length"),
+                        **self.eval_kwargs(preset))
 
     def eval_cache_key(self, preset: Preset, data: dict[str, Any], reference: dict[str, Any] | None) -> Any:
         splits, holdout = self.eval_splits(preset, data)
