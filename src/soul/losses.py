@@ -13,6 +13,12 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for log-softmax and sums: half precision is upcast, float64 stays float64
+    (a float64 model is scored in float64, which the tests use as a rounding-free reference)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
@@ -22,7 +28,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
     Returns ``(logp, mask)``, both [B, T-1]; ``logp`` is 0 where ``mask`` is False.
     """
-    shift_logits = logits[:, :-1, :].float()
+    shift_logits = upcast(logits[:, :-1, :])
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
     safe = shift_labels.masked_fill(~mask, 0)
