@@ -13,10 +13,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def upcast(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in at least float32 for log-softmax and sums: half precision is upcast, float64 stays float64
-    (a float64 model is scored in float64, which the tests use as a rounding-free reference)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """`t` (logits, gradients) in at least float32 for softmaxes and sums: half precision is upcast, float64
+    stays float64 -- a float64 model is trained and scored in float64 throughout, which the tests use as a
+    reference free of float32's summation-order rounding (a plain ``.float()`` would round it to float32)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
