@@ -13,6 +13,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """`t` (logits, gradients) in at least float32 for softmaxes and sums: half precision is upcast, float64
+    stays float64 -- a float64 model is trained and scored in float64 throughout, which the tests use as a
+    reference free of float32's summation-order rounding (a plain ``.float()`` would round it to float32)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
@@ -22,7 +29,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
     Returns ``(logp, mask)``, both [B, T-1]; ``logp`` is 0 where ``mask`` is False.
     """
-    shift_logits = logits[:, :-1, :].float()
+    shift_logits = upcast(logits[:, :-1, :])
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
     safe = shift_labels.masked_fill(~mask, 0)

@@ -50,7 +50,10 @@ def test_copyright_perfect_recall_scores_one(monkeypatch):
 
 
 def test_copyright_batched_equals_reference_and_errors():
+    # float64: greedy tokens are compared exactly, and batched and one-at-a-time decoding sum in other orders;
+    # in float32 a near tie between two logits could flip a token on some CPU's kernels, in float64 it cannot.
     model, tok = tiny_model("gpt2")
+    model = model.double()
     a = copyright_eval(model, tok, PASSAGES, prefix_tokens=6, max_new_tokens=8)
     b = copyright_eval(model, tok, PASSAGES, prefix_tokens=6, max_new_tokens=8, implementation="reference")
     assert a["copyright_bleu"] == b["copyright_bleu"]
@@ -59,7 +62,10 @@ def test_copyright_batched_equals_reference_and_errors():
 
 
 def test_multiple_choice_matches_independent_loglik():
+    # float64: the eval batches the choices differently from the oracle's one padded batch; in float32 the
+    # summed log-likelihoods differed by ~1e-5 (kernel-dependent), in float64 by ~1e-14.
     model, tok = tiny_model("llama")
+    model = model.double()
     records = [
         {"question": "Which city is the capital of France?", "choices": ["Paris", "Lima", "Oslo"], "answer": 0},
         {"question": "What did the baker make?", "choices": ["bread", "a lighthouse clock"], "answer": 1},
@@ -70,7 +76,7 @@ def test_multiple_choice_matches_independent_loglik():
         with torch.no_grad():
             total, count = sequence_logprob(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                             batch["labels"])
-        assert res["mc_accuracy"]["value_by_index"][str(i)]["loglik"] == pytest.approx(total.tolist(), abs=1e-4)
+        assert res["mc_accuracy"]["value_by_index"][str(i)]["loglik"] == pytest.approx(total.tolist(), abs=1e-10)
         pred = int(total.argmax())
         assert res["mc_accuracy"]["value_by_index"][str(i)]["pred"] == pred
         assert res["mc_accuracy_norm"]["value_by_index"][str(i)]["pred"] == int((total / count).argmax())

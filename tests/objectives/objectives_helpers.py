@@ -23,11 +23,21 @@ RETAIN = [
 
 def sharp_model(family: str = "llama", seed: int = 0, scale: float = 8.0):
     """A tiny random model whose output embedding is scaled up: random tiny models are nearly uniform over
-    the vocabulary, which would make KLs and log-ratios too small for the value tests to tell formulas apart."""
-    model = tiny_model(family, seed=seed)[0]
+    the vocabulary, which would make KLs and log-ratios too small for the value tests to tell formulas apart.
+
+    The model is float64 (soul computes the losses of float64 logits in float64): the objectives and the oracle
+    sum in different orders, and so do padded and unpadded batches. In float32 that cost up to ~4e-6 on losses
+    of a few nats (summed log-probabilities of ~80 nats carry ~1e-5), kernel-dependent, within 5x of the old
+    tolerances; in float64 it is ~1e-14, so the tests compare to TOL, far below any formula's effect."""
+    model = tiny_model(family, seed=seed)[0].double()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(scale)
     return model
+
+
+# Tolerance (relative and absolute) for float64 comparisons of losses, log-ratios and KLs of a few nats:
+# ~1e4x the rounding of reordered float64 sums of that size.
+TOL = 1e-10
 
 
 def make_batch(tokenizer, pairs, refusals=None, extra_pad: int = 0, junk_seed: int | None = None):

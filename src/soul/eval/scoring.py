@@ -45,7 +45,7 @@ from functools import partial
 import torch
 
 from soul.data.format import pad_batch
-from soul.losses import IGNORE_INDEX
+from soul.losses import IGNORE_INDEX, upcast
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def _stats_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """logp, hit, mu, sigma for answer positions of `logits` [N, V] (already gathered) and `labels` [N]."""
-    logprobs = logits.float().log_softmax(-1)
+    logprobs = upcast(logits).log_softmax(-1)
     logp = logprobs.gather(1, labels[:, None]).squeeze(1)
     hit = logits.argmax(-1) == labels
     probs = logprobs.exp()

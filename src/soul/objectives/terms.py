@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from soul.losses import IGNORE_INDEX, sequence_logprob
+from soul.losses import IGNORE_INDEX, sequence_logprob, upcast
 
 
 def logits_of(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -66,7 +66,7 @@ def mean_answer_kl(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch
     mask = labels[:, 1:] != IGNORE_INDEX
     count = mask.sum(-1)
     _check_answers(count, role)
-    log_q = F.log_softmax(logits[:, :-1, :].float(), dim=-1)
-    log_p = F.log_softmax(ref_logits[:, :-1, :].to(logits.device).float(), dim=-1)
+    log_q = F.log_softmax(upcast(logits[:, :-1, :]), dim=-1)
+    log_p = F.log_softmax(upcast(ref_logits[:, :-1, :].to(logits.device)), dim=-1)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
     return (per_token.masked_fill(~mask, 0.0).sum(-1) / count).mean()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from soul.losses import IGNORE_INDEX, answer_nll
+from soul.losses import IGNORE_INDEX, answer_nll, upcast
 from soul.optim._dist import all_reduce_sum, world_size
 
 Batch = dict[str, Any]
@@ -81,7 +81,7 @@ def gnb_backward(model: torch.nn.Module, batch: Batch | Sequence[Batch], *,
     for b in batches:
         logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
         mask = b["labels"][:, 1:].to(device) != IGNORE_INDEX
-        selected = logits[:, :-1, :][mask].float()
+        selected = upcast(logits[:, :-1, :][mask])
         if selected.numel() == 0:
             # Still backward (a zero): under DDP/FSDP every process must join each gradient reduction.
             (logits.sum() * 0.0).backward()
@@ -160,7 +160,7 @@ def _gnb(model: torch.nn.Module, batch: Batch | Sequence[Batch], optimizer: Any,
             for p in params:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
+                g = upcast(p.grad)
                 if p in sums:
                     sums[p].addcmul_(g, g)
                 else:
