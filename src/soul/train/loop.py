@@ -622,7 +622,10 @@ def _run_training(
 
             # Loss parts averaged over processes so the log shows the global batch.
             names = sorted(sums)
-            values = torch.tensor([total_loss, *(sums[n] for n in names)], device=device)
+            # float64: the logged numbers are Python floats, and a float32 tensor would round them (and their
+            # mean over processes) to ~1e-7 relative.
+            values = torch.tensor([total_loss, *(sums[n] for n in names)], device=device,
+                                  dtype=torch.float32 if torch.device(device).type == "mps" else torch.float64)
             if world > 1:
                 values = accelerator.reduce(values, reduction="mean")
             record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "loss": values[0].item(),
