@@ -89,15 +89,17 @@ SOPHIA = dict(optimizer="sophia", lr=2e-2, weight_decay=0.0, betas=[0.9, 0.95], 
 def assert_same_weights(a: dict, b: dict, start: dict, lr: float) -> None:
     """Equal up to float rounding. The two stacks compute the same loss in a different order (the Trainer: a sum
     over answer tokens / their count; soul: per-sequence means), so gradients differ in the last bits; Sophia's
-    ratio m / (rho·h) magnifies that where the curvature estimate h is near zero. Every element must agree to
-    1 % of one step (lr) and all but 0.1 % of them to 1e-6."""
+    ratio m / (rho·h) magnifies that where the curvature estimate h is near zero, so no float32 bound follows
+    from eps32 alone (the exact oracle is the float64 `SophiaTrainer` test, to 1e-12). This float32 check asks
+    every element to agree to 10 % of one step (lr; measured: 3.2e-5 = 0.16 % of it, under four CPU kernel
+    settings) and all but 0.1 % of them to 1e-6."""
     assert a.keys() == b.keys()
     moved = max((a[k] - start[k]).abs().max().item() for k in a)
     assert moved > lr / 2  # the runs really trained
     loose = 0
     total = 0
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=lr * 1e-2, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=lr * 1e-1, msg=lambda m, k=k: f"{k}: {m}")
         loose += int(((b[k] - a[k]).abs() > 1e-6).sum())
         total += a[k].numel()
     assert loose <= total * 1e-3, f"{loose} of {total} weights differ by more than 1e-6"
