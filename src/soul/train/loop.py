@@ -217,18 +217,6 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def mixed_precision(cfg: TrainConfig, *, warn: bool = False) -> str:
-    """The precision the run computes in (`soul.precision.resolve_precision`: "auto" → bf16 only where the
-    hardware has native bf16)."""
-    return mixed_precision_and_reason(cfg, warn=warn)[0]
-
-
-def mixed_precision_and_reason(cfg: TrainConfig, *, warn: bool = False) -> tuple[str, str]:
-    from soul.precision import resolve_precision
-
-    return resolve_precision(cfg.mixed_precision, warn=warn)
-
-
 @torch.no_grad()
 def probe(model: torch.nn.Module, batches: list[dict], accelerator) -> float:
     """Mean over records of exp(−mean answer-token NLL): the per-token geometric-mean answer probability."""
@@ -351,7 +339,10 @@ def _run_training(
 
     # cpu=True on a machine without an accelerator makes `torchrun`/`accelerate launch` on CPU run multi-process
     # (gloo); without it accelerate ignores the launcher's WORLD_SIZE there and every process trains alone.
-    precision, precision_reason = mixed_precision_and_reason(cfg, warn=True)
+    from soul.precision import resolve_precision
+
+    # "auto" → bf16 only where the hardware has native bf16; the reason goes into run.json.
+    precision, precision_reason = resolve_precision(cfg.mixed_precision, warn=True)
     _release_accelerator_state(precision)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1,
                               cpu=not has_accelerator())
