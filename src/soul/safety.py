@@ -362,6 +362,12 @@ def _read_json_object(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path` when it is a regular file (not a link) of at most 64 MiB holding one, else
+    None: how soul reads back a record it wrote inside its own output (e.g. ``reproduce``'s tuning records)."""
+    return _read_json_object(Path(path))
+
+
 def is_run_record(path: str | os.PathLike) -> bool:
     """Whether `path` is a run.json soul wrote: a JSON object (regular file, not a link) with every key of
     `RUN_RECORD_KEYS`, a ``kind`` of `RUN_KINDS` and its ``config``, ``versions`` as objects."""

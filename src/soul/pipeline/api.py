@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from soul.pipeline.common import Progress, base_model, path_under, resolve_device
-from soul.pipeline.grid import select, sweep_grid, unlearn_configs
+from soul.pipeline.grid import select, sweep_grid, unlearn_configs, with_choice
 from soul.pipeline.preset import Preset, load_preset
+from soul.pipeline.preset_types import check_disjoint
 from soul.pipeline.robustness import Robustness, describe
 from soul.pipeline.stages import evaluate_run, influence_run, reference_models, unlearning_run
+from soul.pipeline.tune import chosen_options, run_tuning, tuned_label
 from soul.report import write_report
 from soul.report.results import run_label
 
@@ -27,7 +29,9 @@ def _meta(preset: Preset, command: str) -> dict[str, Any]:
     return {"command": command, "task": preset.task, "preset": preset.name, "preset_file": preset.where,
             "description": preset.description, "model": preset.model,
             "data": str(preset.data.get("source", "bundled")), "forget_split": task.splits(preset)[0],
-            "seeds": ", ".join(map(str, preset.seeds)), "device": resolve_device(preset.device),
+            "seeds": ", ".join(map(str, preset.seeds)),
+            **({"tune_seeds": ", ".join(map(str, preset.tune.seeds))} if preset.tune is not None else {}),
+            "device": resolve_device(preset.device),
             "torch": torch.__version__, "python": platform.python_version(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -45,13 +49,21 @@ def _with_examples(preset: Preset, runs: list[dict[str, Any]]) -> None:
             run.setdefault("examples", examples)
 
 
-def plan_reproduce(preset: PresetLike, only: list[str] | None = None, seeds: list[int] | None = None
+def plan_reproduce(preset: PresetLike, only: list[str] | None = None, seeds: list[int] | None = None,
+                   tune_seeds: list[int] | None = None, no_tune: bool = False
                    ) -> tuple[Preset, list[dict[str, Any]], bool]:
-    """(preset, run specs, whether influence runs): every check of the preset, `only` and `seeds`, with no
-    side effect — the command line calls it before it creates the report directory."""
+    """(preset, run specs, whether influence runs): every check of the preset, `only`, `seeds` (evaluation),
+    `tune_seeds` and `no_tune`, with no side effect — the command line calls it before it creates the report
+    directory. The specs are the evaluation runs at the preset's options (tuning replaces them later)."""
     preset = load_preset(preset)
     if seeds is not None:
         preset = preset.with_seeds(seeds)
+    if no_tune:
+        preset = preset.without_tune()
+    elif tune_seeds is not None:
+        preset = preset.with_tune_seeds(tune_seeds)
+    flags = [f for f, v in (("--seeds", seeds), ("--tune-seeds", tune_seeds)) if v is not None]
+    check_disjoint(preset.tune, preset.seeds, preset.where, f" (after {' and '.join(flags)})" if flags else "")
     specs = select(unlearn_configs(preset), only, ("influence",) if preset.influence is not None else ())
     do_influence = preset.influence is not None and (not only or "influence" in only)
     return preset, specs, do_influence
@@ -76,21 +88,36 @@ def _attack(robust: Robustness | None, model: Any, tokenizer: Any, run: dict[str
     robust.attack(model, tokenizer, run)
 
 
+def _tuning_run(spec: dict[str, Any], preset: Preset, ctx: dict[str, Any], out: Path) -> dict[str, Any]:
+    """One tuning run: unlearn and evaluate (no attacks, no model kept); its record is what the rule reads."""
+    model, tokenizer, run = unlearning_run(spec, ctx["target_path"], preset, ctx["data"],
+                                           path_under(out, "tune", "runs", spec["name"]), False)
+    run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"], None)
+    del model
+    return run
+
+
 def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bool = False,
               stream: TextIO | str | None = "stderr", only: list[str] | None = None,
-              seeds: list[int] | None = None) -> dict[str, Any]:
+              seeds: list[int] | None = None, tune_seeds: list[int] | None = None,
+              no_tune: bool = False) -> dict[str, Any]:
     """Run the whole comparison for `preset` and write the report into `out_dir`; returns the results
     structure (see `soul.report.results`). `only` restricts the grid to run names (``graddiff-sophia-s1``),
-    groups (``graddiff-sophia``: every seed) or ``influence``; `seeds` replaces the preset's seeds.
+    groups (``graddiff-sophia``: every seed) or ``influence``; `seeds` replaces the preset's (evaluation)
+    seeds. With the preset's ``tune:`` (unless `no_tune`; `tune_seeds` replaces its seeds) each tuned
+    setting first runs its grid on the tuning seeds and the evaluation runs use the chosen options
+    (`soul.pipeline.tune`; records under ``out_dir/tune/``, reused by a rerun).
     Everything is checked before any model is loaded. Unlearned models are discarded after evaluation
     unless `keep_models` (saved under ``out_dir/runs/<name>/model``). With the preset's ``attacks:``, each
     unlearned model of ``attacks.seeds`` (and influence) is attacked after its evaluation
     (`soul.pipeline.robustness`; results under ``out_dir/attacks/``, robustness columns in the table)."""
-    preset, specs, do_influence = plan_reproduce(preset, only, seeds)
+    preset, specs, do_influence = plan_reproduce(preset, only, seeds, tune_seeds, no_tune)
     stream = _stream(stream)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(stream, 4, "reproduce")
+    tuning_on = preset.tune is not None and bool(specs)
+    progress = Progress(stream, 4 + tuning_on, "reproduce")
+    tuning: dict[str, Any] | None = None
     robust = Robustness(preset, out, progress) if preset.attacks is not None else None
     with base_model(preset.model) as base:
         # 1. reference models (and their evaluations)
@@ -98,10 +125,19 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
         runs = ctx["runs"]
         if robust is not None and robust.active:  # the references' side of every attack, once per grid
             robust.compute_references(ctx)
-        # 2 + 3. every unlearning run, evaluated as soon as it is trained (one model in memory at a time)
+        # 3. tuning (preset tune:): each tuned setting's grid on the tuning seeds; the evaluation runs then
+        # use the chosen options, on the evaluation seeds only
+        if tuning_on:
+            assert preset.tune is not None
+            progress.stage(3, f"tuning on seed(s) {preset.tune.seeds}: {', '.join(preset.tune.grid)}")
+            tuning = run_tuning(preset, specs, ctx, out, progress,
+                                lambda spec: _tuning_run(spec, preset, ctx, out))
+            specs = with_choice(specs, chosen_options(tuning))
+        # 3 (4 with tuning). every unlearning run, evaluated as soon as it is trained (one model in memory)
         n = len(specs) + int(do_influence)
         against = "the retain reference" if ctx["reference"] is not None else "the task's metrics"
-        progress.stage(3, f"unlearning: {n} runs ({len(preset.seeds)} seed(s)), each evaluated against {against}")
+        progress.stage(3 + tuning_on, f"unlearning: {n} runs ({len(preset.seeds)} seed(s)), each evaluated "
+                                      f"against {against}")
         for i, spec in enumerate(specs, 1):
             progress.say(f"run {i}/{n}: {spec['name']} ({spec['objective']} + {spec['optimizer']}, seed {spec['seed']})")
             model, tokenizer, run = unlearning_run(spec, ctx["target_path"], preset, ctx["data"],
@@ -109,6 +145,9 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
             progress.say(f"run {i}/{n}: {spec['name']} trained in {run['wall_time_s']:.1f} s; evaluating")
             run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
                                           path_under(out, "eval", f"{spec['name']}.json"))
+            if tuning is not None:  # the row shows the chosen lr (or that this entry was not tuned)
+                run["label"] = tuned_label(run_label(run), tuning["settings"].get(f"{spec['objective']}/"
+                                                                                  f"{spec['optimizer']}"))
             _attack(robust, model, tokenizer, run, progress, f"run {i}/{n}")
             del model
             runs.append(run)
@@ -123,9 +162,9 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
     if robust is not None:
         robust.finish(runs)
     # 4. report
-    progress.stage(4, f"writing the report to {out}")
+    progress.stage(4 + tuning_on, f"writing the report to {out}")
     _with_examples(preset, runs)
-    results = {"meta": _meta(preset, "reproduce"), "runs": runs}
+    results = {"meta": _meta(preset, "reproduce"), "runs": runs, **({"tuning": tuning} if tuning else {})}
     write_report(results, out, stream=sys.stdout if stream is not None else None)
     return results
 

@@ -1,5 +1,6 @@
-"""The runs a preset asks for: the objective × optimizer × seed grid of `soul reproduce` and the per-optimizer
-option grid × seed of `soul sweep`. Pure functions of the preset (no data, no models).
+"""The runs a preset asks for: the objective × optimizer × seed grid of `soul reproduce`, the tuning grid of its
+``tune:`` block and the per-optimizer option grid × seed of `soul sweep`. Pure functions of the preset (no
+data, no models).
 
 A *spec* is ``{"name", "group", "objective", "optimizer", "optimizer_type", "seed", "config"}`` (sweep specs
 add ``"point"``): ``name`` is unique per run (``graddiff-sophia-s1``), ``group`` is the same for every seed of
@@ -16,9 +17,10 @@ if TYPE_CHECKING:  # annotations only
     from soul.pipeline.preset_types import Preset
 
 
-def _per_seed(preset: Preset, group: str, base: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def _per_seed(preset: Preset, group: str, base: dict[str, Any], cfg: dict[str, Any],
+              seeds: list[int] | None = None) -> list[dict[str, Any]]:
     specs = []
-    for seed in preset.seeds:
+    for seed in preset.seeds if seeds is None else seeds:
         # The seed drives data order and GNB label sampling (the preset cannot set it per run: see preset.py).
         config = {**cfg, "seed": seed}
         # The model must see the prompt format it was fine-tuned with, in every stage.
@@ -32,14 +34,56 @@ def unlearn_configs(preset: Preset) -> list[dict[str, Any]]:
     """One spec per objective × optimizer entry × seed; options ``common`` < objective < optimizer entry <
     ``overrides["<objective>/<entry>"]``. Every run gets the same step budget (``max_steps``/epochs from
     ``common``) unless an override changes it on purpose."""
-    unl = preset.unlearn
     specs = []
-    for obj, obj_cfg in unl.objectives.items():
-        for name, entry in unl.optimizers.items():
-            cfg = {**unl.common, **obj_cfg, **entry.options, **unl.overrides.get(f"{obj}/{name}", {})}
+    for obj in preset.unlearn.objectives:
+        for name, entry in preset.unlearn.optimizers.items():
             base = {"objective": obj, "optimizer": name, "optimizer_type": entry.optimizer}
-            specs += _per_seed(preset, f"{obj}-{name}", base, cfg)
+            specs += _per_seed(preset, f"{obj}-{name}", base, run_options(preset, obj, name))
     return specs
+
+
+def run_options(preset: Preset, objective: str, optimizer: str) -> dict[str, Any]:
+    """The merged options of one objective × optimizer entry (before the seed): ``common`` < objective <
+    optimizer entry < ``overrides["<objective>/<entry>"]``."""
+    unl = preset.unlearn
+    return {**unl.common, **unl.objectives[objective], **unl.optimizers[optimizer].options,
+            **unl.overrides.get(f"{objective}/{optimizer}", {})}
+
+
+def grid_points(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The Cartesian product of option lists, in order: ``{"lr": [1, 2], "max_steps": [8]}`` → 2 points."""
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+
+
+def point_tag(point: dict[str, Any]) -> str:
+    """A grid point as a run-name fragment: ``lr0.0001-max_steps8``."""
+    return "-".join(f"{k}{v}" for k, v in point.items())
+
+
+def tuning_specs(preset: Preset, objective: str, optimizer: str, points: list[dict[str, Any]],
+                 seeds: list[int]) -> list[dict[str, Any]]:
+    """One spec per point × tuning seed of one objective × optimizer entry: the evaluation run's options
+    (`run_options`) with the point's on top, so the chosen point later runs exactly as it was tuned.
+    Groups are ``tune-<objective>-<entry>-<point tag>``; specs add ``"point"`` and ``"key"``."""
+    base = {"objective": objective, "optimizer": optimizer,
+            "optimizer_type": preset.unlearn.optimizers[optimizer].optimizer}
+    specs = []
+    for point in points:
+        cfg = {**run_options(preset, objective, optimizer), **point}
+        specs += [{**s, "point": point, "key": f"{objective}/{optimizer}"} for s in _per_seed(
+            preset, f"tune-{objective}-{optimizer}-{point_tag(point)}", base, cfg, seeds)]
+    return specs
+
+
+def with_choice(specs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """`specs` with each tuned setting's chosen options (``chosen["<objective>/<entry>"]``) over its
+    config; names, groups and seeds are unchanged."""
+    out = []
+    for spec in specs:
+        options = chosen.get(f"{spec['objective']}/{spec['optimizer']}")
+        out.append({**spec, "config": {**spec["config"], **options}} if options else spec)
+    return out
 
 
 def sweep_grid(preset: Preset) -> list[dict[str, Any]]:
@@ -56,12 +100,9 @@ def sweep_grid(preset: Preset) -> list[dict[str, Any]]:
         entry = unl.optimizers.get(opt)
         kind = entry.optimizer if entry else opt
         opt_base = {**base, **(entry.options if entry else {}), **sw.base}
-        keys = list(axes)
-        for values in itertools.product(*axes.values()):
-            point = dict(zip(keys, values))
-            tag = "-".join(f"{k}{v}" for k, v in point.items())
+        for point in grid_points(axes):
             specs += [{**s, "point": point} for s in _per_seed(
-                preset, f"sweep-{sw.objective}-{opt}-{tag}",
+                preset, f"sweep-{sw.objective}-{opt}-{point_tag(point)}",
                 {"objective": sw.objective, "optimizer": opt, "optimizer_type": kind}, {**opt_base, **point})]
     return specs
 

@@ -18,7 +18,12 @@ Schema (top level; all optional except where a task needs them)::
     influence: {<influence_unlearn option> | batch_size | max_retain_batches: value} | null
     eval: {...}                                    (keys per task: Task.eval_keys)
     sweep: {objective: str, base: {<option>: value}, grid: {<optimizer entry or name>: {<option>: [values]}}}
-    seed: int (0);  seeds: [int] ([seed])
+    seed: int (0);  seeds: [int] ([seed])           (the evaluation seeds: the only ones in the table)
+    tune:                                          (`soul reproduce` only; soul.pipeline.tune)
+      seeds: [int]                                 (tuning seeds, disjoint from `seeds`)
+      grid: {<optimizer entry>: {lr: [number > 0], max_steps: [int >= 1]}}
+      rule: {metric, utility_fraction, max_abs_privleak, min_retain_rouge_fraction, tie}
+      extend_edges: bool                           (true)
     progress_bars: bool
     attacks:                                       (soul.attack, run by `soul reproduce` on every unlearned model)
       relearn: {steps, lr, batch_size, seed, optimizer, heldout_fraction, questions_per_author, train_options}
@@ -49,7 +54,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from soul.pipeline.grid import sweep_grid, unlearn_configs
+from soul.pipeline.grid import grid_points, sweep_grid, tuning_specs, unlearn_configs
 from soul.pipeline.preset_types import (
     MAX_SEED,
     OptimizerEntry,
@@ -57,7 +62,10 @@ from soul.pipeline.preset_types import (
     PresetError,
     Reference,
     Sweep,
+    Tune,
+    TuneRule,
     Unlearn,
+    check_disjoint,
     check_seeds,
     unsafe_name,
 )
@@ -120,7 +128,10 @@ PIPELINE_OPTIONS = ("forget_split", "retain_split", "split", "progress")
 
 TOP_KEYS = ("name", "description", "task", "model", "dtype", "device", "data", "forget_split", "retain_split",
             "holdout_split", "utility_splits", "max_questions", "target", "retain", "unlearn", "influence",
-            "eval", "sweep", "seed", "seeds", "progress_bars", "prompt_format", "attacks")
+            "eval", "sweep", "seed", "seeds", "progress_bars", "prompt_format", "attacks", "tune")
+TUNE_KEYS = ("seeds", "grid", "rule", "extend_edges")
+# ``tune.grid.<entry>`` axes: the learning rate (required; the edge extension moves it) and the step budget.
+TUNE_AXES: dict[str, Rule] = {"lr": ("float", 0, None, True, False), "max_steps": ("int", 1, None, False, False)}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -417,6 +428,63 @@ def _sweep(c: _Checker, value: Any, unl: Unlearn) -> Sweep | None:
     return Sweep(objective=objective, base=base, grid=grid)
 
 
+def _tune_rule(c: _Checker, value: Any) -> TuneRule:
+    from soul.pipeline.tune import RULE_METRICS, TIE_KEYS
+
+    rules: dict[str, Rule] = {"metric": (RULE_METRICS, None, None, False, False),
+                              "utility_fraction": ("float", 0, 1, True, True),
+                              "max_abs_privleak": ("float", 0, None, False, True),
+                              "min_retain_rouge_fraction": ("float", 0, 1, True, True),
+                              "tie": (TIE_KEYS, None, None, False, False)}
+    spec = c.mapping(value, "tune.rule")
+    c.keys(spec, tuple(rules), "tune.rule")
+    return TuneRule(**c.ruled_mapping(spec, rules, "tune.rule"))
+
+
+def _tune_grid(c: _Checker, value: Any, unl: Unlearn) -> dict[str, dict[str, list[Any]]]:
+    grid = c.mapping(value, "tune.grid")
+    if not grid:
+        raise c.fail("tune.grid", "missing or empty: give per optimizer entry of unlearn.optimizers an lr list, "
+                                  "e.g. {adamw: {lr: [1.0e-5, 3.0e-5, 1.0e-4]}}")
+    out = {}
+    for name, axes in grid.items():
+        path = f"tune.grid.{name}"
+        if name not in unl.optimizers:
+            raise c.fail(path, f"not an optimizer entry of unlearn.optimizers {sorted(unl.optimizers)}")
+        axes = c.mapping(axes, path, allow_none=False)
+        c.keys(axes, tuple(TUNE_AXES), path, "option")
+        if "lr" not in axes:
+            raise c.fail(path, "needs lr: a list of learning rates to tune")
+        out[str(name)] = {key: _tune_values(c, values, f"{path}.{key}", TUNE_AXES[key]) for key, values in axes.items()}
+    return out
+
+
+def _tune_values(c: _Checker, values: Any, path: str, rule: Rule) -> list[Any]:
+    if not isinstance(values, list) or not values:
+        raise c.fail(path, f"must be a non-empty list, got {values!r}")
+    checked = [c.ruled(v, f"{path}[{i}]", rule) for i, v in enumerate(values)]
+    if len(set(checked)) != len(checked):
+        raise c.fail(path, f"has a repeated value: {values!r}")
+    return checked
+
+
+def _tune(c: _Checker, value: Any, unl: Unlearn, task: Task) -> Tune | None:
+    """``tune:``: keys, seeds, grid (entries of unlearn.optimizers, positive lr values), rule and flags;
+    disjointness from the evaluation seeds is checked by the caller (`check_disjoint`)."""
+    if value is None:
+        return None
+    spec = c.mapping(value, "tune", allow_none=False)
+    c.keys(spec, TUNE_KEYS, "tune")
+    if not task.supports_sweep:
+        raise c.fail("tune", f"task {task.name!r} cannot be tuned: the rule reads forget quality, model utility, "
+                             "PrivLeak and retain ROUGE-L (task 'tofu'); remove `tune:`")
+    if "seeds" not in spec:
+        raise c.fail("tune.seeds", "missing: the tuning seeds (a list disjoint from the evaluation `seeds`)")
+    return Tune(seeds=c.seeds(spec["seeds"], "tune.seeds"), grid=_tune_grid(c, spec.get("grid"), unl),
+                rule=_tune_rule(c, spec.get("rule")),
+                extend_edges=c.typed(spec.get("extend_edges", True), "tune.extend_edges", bool))
+
+
 def _influence(c: _Checker, value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
@@ -519,7 +587,9 @@ def _build(raw: dict[str, Any], c: _Checker) -> Preset:
         target=_reference(c, raw.get("target"), "target"), retain=_reference(c, raw.get("retain"), "retain"),
         unlearn=unl, influence=_influence(c, raw.get("influence")), eval=ev, sweep=_sweep(c, raw.get("sweep"), unl),
         seed=seed, seeds=seeds, progress_bars=c.typed(raw.get("progress_bars", True), "progress_bars", bool),
-        attacks=attacks, attack_seeds=attack_seeds, attack_influence=attack_influence)
+        attacks=attacks, attack_seeds=attack_seeds, attack_influence=attack_influence,
+        tune=_tune(c, raw.get("tune"), unl, impl))
+    check_disjoint(preset.tune, preset.seeds, c.where)
     if utility is None and task == "tofu":
         preset.utility_splits = list(impl.default_utility_splits)
     impl.check(preset, c.fail)
@@ -549,6 +619,12 @@ def _check_runs(preset: Preset, c: _Checker) -> None:
         for spec in sweep_grid(preset):
             c.name(spec["name"], f"sweep run {spec['group']}")
             c.run_config(spec["config"], spec["objective"], spec["optimizer_type"], f"sweep run {spec['group']}")
+    if preset.tune is not None:
+        for obj in preset.unlearn.objectives:
+            for opt, axes in preset.tune.grid.items():
+                for spec in tuning_specs(preset, obj, opt, grid_points(axes), preset.tune.seeds):
+                    c.name(spec["name"], f"tune run {spec['group']}")
+                    c.run_config(spec["config"], spec["objective"], spec["optimizer_type"], f"tune run {spec['group']}")
     for role in ("target", "retain"):
         ft = getattr(preset, role).finetune
         if ft:

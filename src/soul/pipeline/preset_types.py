@@ -85,6 +85,40 @@ class Sweep:
 
 
 @dataclass
+class TuneRule:
+    """How the tuning stage picks a setting (see `soul.pipeline.tune`): the highest mean `metric` among the
+    admissible points; a guard left at None is off."""
+
+    metric: str = "forget_quality"
+    utility_fraction: float | None = 0.95  # mean model utility >= fraction × the target's
+    max_abs_privleak: float | None = None  # |PrivLeak| (percent) <= this: no over-unlearning
+    min_retain_rouge_fraction: float | None = None  # retain ROUGE-L >= fraction × the target's
+    tie: str = "update_norm_total"  # metric ties (rel 1e-9) go to the smaller mean of this diagnostic
+
+
+@dataclass
+class Tune:
+    """The preset's ``tune:`` block: per optimizer entry an option grid (``lr`` [, ``max_steps``]) run on the
+    tuning `seeds`, which never overlap the evaluation seeds."""
+
+    seeds: list[int] = field(default_factory=list)
+    grid: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    rule: TuneRule = field(default_factory=TuneRule)
+    extend_edges: bool = True
+
+
+def check_disjoint(tune: Tune | None, seeds: list[int], where: str, after: str = "") -> None:
+    """Tuning and evaluation seeds must not overlap: a setting chosen on a seed and scored on it again would
+    be scored on the data order it was picked for (`after` names the flags that changed either set)."""
+    if tune is None:
+        return
+    both = sorted(set(tune.seeds) & set(seeds))
+    if both:
+        raise PresetError(where, "tune.seeds", f"seed(s) {both} are both tuning seeds {tune.seeds} and evaluation "
+                                               f"seeds {seeds}{after}; the two sets must be disjoint")
+
+
+@dataclass
 class Preset:
     """A validated preset (see `soul.pipeline.preset`). `where` is the file it came from (for messages);
     `task_impl` is the `soul.pipeline.tasks.Task` object of `task` (typed Any: see the module doc)."""
@@ -116,6 +150,7 @@ class Preset:
     attacks: dict[str, Any] | None = None  # `soul.attack.run.normalize_config`'s output (run_attacks' attacks_cfg)
     attack_seeds: list[int] | None = None  # the seeds whose unlearned models are attacked (None: every seed)
     attack_influence: bool = True  # attack the one-shot influence model too
+    tune: Tune | None = None  # the tuning protocol of `soul reproduce` (None: every run at its preset options)
 
     @property
     def prompt_format(self) -> str:
@@ -125,3 +160,15 @@ class Preset:
     def with_seeds(self, seeds: list[int]) -> Preset:
         """A copy running `seeds` instead (the command line's ``--seeds``)."""
         return dataclasses.replace(self, seeds=check_seeds(seeds, self.where, "seeds"))
+
+    def with_tune_seeds(self, seeds: list[int]) -> Preset:
+        """A copy tuning on `seeds` instead (the command line's ``--tune-seeds``); needs a ``tune:`` block."""
+        if self.tune is None:
+            raise PresetError(self.where, "tune", "--tune-seeds needs a tune: block in the preset (the grid to "
+                                                  "tune); this preset has none")
+        tune = dataclasses.replace(self.tune, seeds=check_seeds(seeds, self.where, "tune.seeds"))
+        return dataclasses.replace(self, tune=tune)
+
+    def without_tune(self) -> Preset:
+        """A copy with no tuning stage (``--no-tune``): every run at its preset options."""
+        return dataclasses.replace(self, tune=None)

@@ -73,8 +73,8 @@ def _cached_finetune(role: str, out: Path, key: str, base: str, split: str, ft_c
 def reference_models(preset: Preset, out: Path, progress: Progress, base: str,
                      check_data: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Stage 1 and the reference half of stage 3: the data, the task's reference models and their (cached)
-    evaluations. Returns ``{"data", "target_path", "reference" (the retain model's results or None),
-    "runs" (one record per reference model)}``. `check_data` sees the data before any model is trained."""
+    evaluations. Returns ``{"data", "target_path", "target_fingerprint" (a content hash of the target),
+    "reference" (the retain model's results or None), "runs" (one record per reference model)}``. `check_data` sees the data before any model is trained."""
     task = preset.task_impl
     roles = task.reference_roles
     progress.stage(1, f"{preset.task} data and reference models ({', '.join(roles)})")
@@ -95,7 +95,8 @@ def reference_models(preset: Preset, out: Path, progress: Progress, base: str,
             reference = results[role]
     runs = [{"name": role, "role": role, "model": models[role][0], "wall_time_s": models[role][2],
              "metrics": results[role]} for role in roles]
-    return {"data": data, "target_path": models["target"][0], "reference": reference, "runs": runs}
+    return {"data": data, "target_path": models["target"][0], "target_fingerprint": models["target"][1],
+            "reference": reference, "runs": runs}
 
 
 # ------------------------------------------------------------------------------------------ 2. unlearning

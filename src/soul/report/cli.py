@@ -53,10 +53,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     # Every problem with the preset, --seeds or --only is a ValueError raised before the report directory
     # is made or any model is loaded; `soul.cli.main` prints it as one line and exits 2.
-    plan_reproduce(args.preset, args.only or None, args.seeds)
+    plan_reproduce(args.preset, args.only or None, args.seeds, args.tune_seeds, args.no_tune)
     with _guarded_report_dir(args.out):
         reproduce(args.preset, args.out, keep_models=args.keep_models, only=args.only or None, seeds=args.seeds,
-                  stream=None if args.quiet else sys.stderr)
+                  tune_seeds=args.tune_seeds, no_tune=args.no_tune, stream=None if args.quiet else sys.stderr)
     return 0
 
 
@@ -102,7 +102,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--only", nargs="*", help="run only these unlearning runs: a setting (graddiff-sophia: every "
                                              "seed), one seed (graddiff-sophia-s1) or influence")
-    p.add_argument("--seeds", type=_seeds, help="seeds to run, e.g. 0,1,2 (overrides the preset's seeds)")
+    p.add_argument("--seeds", type=_seeds, help="evaluation seeds, e.g. 0,1,2 (overrides the preset's seeds; "
+                                                "the only seeds in the table and verdicts)")
+    tune = p.add_mutually_exclusive_group()
+    tune.add_argument("--tune-seeds", type=_seeds, help="tuning seeds, e.g. 0,4 (overrides the preset's "
+                                                        "tune.seeds; must not overlap the evaluation seeds)")
+    tune.add_argument("--no-tune", action="store_true", help="skip the preset's tune: stage (every run at its "
+                                                             "preset options)")
     p.add_argument("--keep-models", action="store_true", help="save every unlearned model under OUT/runs/")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--config", help="YAML file of option values")

@@ -62,7 +62,8 @@ def _examples_html(runs: list[dict[str, Any]]) -> str:
 
 def render_html(*, title: str, rows: list[dict[str, Any]], runs: list[dict[str, Any]],
                 images: dict[str, bytes], marks: dict[str, str], notes: list[str],
-                sweep_html: str = "", verdicts: list[str] | None = None, robustness_html: str = "") -> str:
+                sweep_html: str = "", verdicts: list[str] | None = None, robustness_html: str = "",
+                tuning_html: str = "") -> str:
     """The whole page as a string. `images` maps a caption to PNG bytes (embedded in order)."""
     figs = "".join(f"<h3>{escape(cap)}</h3><img alt=\"{escape(cap)}\" src=\"{data_uri(png)}\">"
                    for cap, png in images.items())
@@ -88,6 +89,7 @@ update norm (mean, sum over steps), ‖θ_T−θ_0‖ = final displacement: an o
 shows here. With several seeds each cell is mean ± std. ★ marks, per optimizer, the best forget quality among runs keeping
 model utility at or above the stated fraction of the target model's.</p>
 {robustness_html}
+{tuning_html}
 {sweep_html}
 <h2>Figures</h2>
 {figs}

@@ -4,7 +4,8 @@ PNG bytes so the caller writes them atomically and embeds them in report.html.
 * `fq_mu_scatter`: forget quality (log scale) vs model utility, the target and retain models marked;
 * `loss_curves`: per-step training loss of each objective, first order vs second order;
 * `metric_bars`: one bar chart per table metric, one bar per model;
-* `pareto_plot`: sweep points per optimizer with each optimizer's Pareto front and the utility floor.
+* `pareto_plot`: sweep points per optimizer with each optimizer's Pareto front and the utility floor;
+* `tuning_plot`: the tuning stage's metric vs lr per tuned setting, the chosen point circled.
 """
 
 from __future__ import annotations
@@ -210,4 +211,61 @@ def pareto_plot(points: Sequence[dict[str, Any]], target_utility: float | None =
     ax.set_title("Sweep: forget quality vs model utility")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _num_or_none(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+@literal_text
+def tuning_plot(settings: dict[str, dict[str, Any]], metric: str) -> bytes | None:
+    """One panel per tuned setting (``results["tuning"]["settings"]``): the mean `metric` over the tuning
+    seeds vs lr (log x; log y for forget quality, a p-value), one line per other option value (max_steps),
+    admissible points filled and the others hollow, the chosen point circled, the per-seed values as dots.
+    None when no setting was tuned."""
+    tuned = [(k, s) for k, s in settings.items() if s.get("tuned") and s.get("points")]
+    if not tuned:
+        return None
+    ncols = min(3, len(tuned))
+    nrows = math.ceil(len(tuned) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows))
+    log_y = metric == FQ
+    for n, (key, setting) in enumerate(tuned):
+        ax = fig.add_subplot(nrows, ncols, n + 1)
+        points = setting["points"]
+        lines: dict[str, list[int]] = {}
+        for i, p in enumerate(points):
+            rest = ", ".join(f"{k}={v}" for k, v in (p.get("options") or {}).items() if k != "lr")
+            lines.setdefault(rest, []).append(i)
+        for g, (rest, idx) in enumerate(lines.items()):
+            color = PALETTE[g % len(PALETTE)]
+            xy = sorted((_num_or_none((points[i].get("options") or {}).get("lr")),
+                         _num_or_none((points[i].get("metric") or {}).get("mean")), i) for i in idx
+                        if _num_or_none((points[i].get("options") or {}).get("lr")) is not None)
+            drawn = [(x, _fq(y) if log_y else y, i) for x, y, i in xy if y is not None]
+            ax.plot([x for x, _, _ in drawn], [y for _, y, _ in drawn], color=color, linewidth=1,
+                    label=rest or None)
+            for x, y, i in drawn:
+                ok = bool(points[i].get("admissible"))
+                ax.scatter([x], [y], s=40, color=color if ok else "white", edgecolor=color, linewidth=1.2, zorder=3)
+                for v in ((points[i].get("metric") or {}).get("per_seed") or {}).values():
+                    if _num_or_none(v) is not None:
+                        ax.scatter([x], [_fq(v) if log_y else v], s=8, color="gray", alpha=0.6, zorder=2)
+        chosen = setting.get("chosen_index")
+        if isinstance(chosen, int) and 0 <= chosen < len(points):
+            lr = _num_or_none((points[chosen].get("options") or {}).get("lr"))
+            y = _num_or_none((points[chosen].get("metric") or {}).get("mean"))
+            if lr is not None and y is not None:
+                ax.scatter([lr], [_fq(y) if log_y else y], s=200, facecolors="none", edgecolors="black",
+                           linewidths=1.5, zorder=4, label="chosen")
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("lr (log)")
+        ax.set_ylabel(f"{metric} (mean over tuning seeds)", fontsize=7)
+        ax.set_title(key + (" (WARNING: see the tuning table)" if setting.get("flags") else ""), fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, title="filled: admissible", title_fontsize=6)
+    fig.tight_layout()
     return _png(fig)

@@ -3,7 +3,8 @@
 Files (each written atomically): ``results.json`` (compact results: aggregate metrics, table rows, loss
 curves, example generations, sweep), ``table.md``, ``fq_vs_utility.png``, ``loss_curves.png`` (when runs
 carry training logs), ``metric_bars.png``, ``pareto.png`` (when the results hold a sweep), ``recovery.png`` (when runs were
-attacked: preset ``attacks:``) and ``report.html`` embedding all of them.
+attacked: preset ``attacks:``), ``tuning.png`` (when `soul reproduce` tuned: preset ``tune:``) and ``report.html``
+embedding all of them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from soul.report.results import (
     table_rows,
 )
 from soul.report.table import markdown_table, text_table
+from soul.report.tuning import check_tuning, tuning_html, tuning_markdown
+from soul.report.tuning import flags as tuning_flags
 from soul.report.verdict import robustness_verdicts, verdicts
 
 BEST_MARK = "★"
@@ -206,6 +209,14 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
         files["pareto.png"] = write_bytes_atomic(out / "pareto.png", png)
         sweep_html = _sweep_html(sweep, summary)
 
+    tune_html, tuning = "", compact.get("tuning")
+    if tuning is not None:  # `soul reproduce` with a tune: block (older results have none)
+        check_tuning(tuning)
+        png = plots.tuning_plot(tuning["settings"], str((tuning.get("rule") or {}).get("metric", FQ)))
+        if png is not None:
+            files["tuning.png"] = write_bytes_atomic(out / "tuning.png", png)
+        tune_html = tuning_html(tuning, data_uri(png) if png is not None else None)
+
     robustness_html = ""
     if any(r.get(c.key) is not None for r in rows for c in ROBUSTNESS_COLUMNS if c.key.endswith("_prob")):
         from soul.attack.report import recovery_plot
@@ -229,6 +240,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
         md += f"\n{BEST_MARK} per optimizer: best forget quality at model utility ≥ {fraction:.0%} of the target's.\n"
     if sentences:
         md += "\n## Verdict\n\n" + "".join(f"- {s}\n" for s in sentences)
+    if tuning is not None:
+        md += tuning_markdown(tuning)
     if compact.get("robustness_verdicts"):
         md += "\n## Robustness\n\n" + "".join(f"- {v['sentence']}\n" for v in compact["robustness_verdicts"])
     files["table.md"] = write_text_atomic(out / "table.md", md)
@@ -236,14 +249,17 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
     notes += [f"WARNING: {p}" for p in problems]
     if sweep_html:
         notes += [f"WARNING: {w}" for w in compact["sweep"]["edge_warnings"]]
+    warnings = tuning_flags(tuning) if tuning is not None else []
+    notes += [f"WARNING: tuning {w}" for w in warnings]
     html = render_html(title=title, rows=rows, runs=compact["runs"], images=images, marks=marks, notes=notes,
-                       sweep_html=sweep_html, verdicts=sentences, robustness_html=robustness_html)
+                       sweep_html=sweep_html, verdicts=sentences, robustness_html=robustness_html,
+                       tuning_html=tune_html)
     files["report.html"] = write_text_atomic(out / "report.html", html)
     if stream is not None:
         print(text_table(rows, marks), file=stream)
         for sentence in sentences + [v["sentence"] for v in compact.get("robustness_verdicts", [])]:
             print(sentence, file=stream)
-        for p in problems:
+        for p in problems + [f"tuning {w}" for w in warnings]:
             print(f"WARNING: {p}", file=stream)
         print(f"report written to {out / 'report.html'}", file=stream)
     return files
