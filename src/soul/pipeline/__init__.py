@@ -6,10 +6,12 @@ optimizer × seed grid of `grid` plus one-shot influence, evaluation, and the re
 benchmark (TOFU, copyright, detox, WMDP) is one `tasks.Task` class. `sweep(preset, out_dir)` runs a grid of
 options per optimizer (× seeds) for one objective and reports the Pareto front and the best setting.
 
-With ``attacks:`` in the preset, `reproduce` also attacks each unlearned model (`robustness`, `soul.attack`).
+With ``attacks:`` in the preset, `reproduce` also attacks each unlearned model (`robustness`, `soul.attack`);
+with ``tune:`` it first picks each optimizer's setting on tuning seeds disjoint from the evaluation seeds
+(`tune`).
 
-Module graph (no cycles, function-level imports included): preset_types, common ← tasks, grid ← preset ←
-stages, robustness ← api ← this package.
+Module graph (no cycles, function-level imports included): preset_types, common ← tasks, grid ← tune ←
+preset ← stages, robustness ← api ← this package.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
     tuning: dict[str, Any] | None = None
     robust = Robustness(preset, out, progress) if preset.attacks is not None else None
     with base_model(preset.model) as base:
-        # 1. reference models (and their evaluations)
+        # 1 + 2. reference models and their evaluations
         ctx = reference_models(preset, out, progress, base, **({"check_data": robust.check_data} if robust else {}))
         runs = ctx["runs"]
         if robust is not None and robust.active:  # the references' side of every attack, once per grid

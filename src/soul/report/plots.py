@@ -52,6 +52,17 @@ def _fq(v: float) -> float:
     return max(float(v), FQ_FLOOR)
 
 
+def _log_axis(ax: Any, axis: str = "y") -> None:
+    """A log axis labelled in plain text ("0.001", "1e-05"): `literal_text` turns mathtext off, and the
+    default log tick labels are mathtext ("$\\mathdefault{10^{-3}}$"), which then print as that source."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(NullFormatter())
+
+
 @literal_text
 def fq_mu_scatter(rows: Sequence[dict[str, Any]], title: str = "Forget quality vs model utility") -> bytes:
     """Scatter of the table rows: x = model utility, y = forget quality (log). Rows missing either are
@@ -83,7 +94,7 @@ def fq_mu_scatter(rows: Sequence[dict[str, Any]], title: str = "Forget quality v
                    label=row["label"], zorder=3)
         if role in ("target", "retain"):  # the rest are told apart by the legend (points often coincide)
             ax.annotate(row["label"], (mu, _fq(fq)), textcoords="offset points", xytext=(6, 4), fontsize=7)
-    ax.set_yscale("log")
+    _log_axis(ax, "y")
     ax.set_xlabel("Model utility (higher is better)")
     ax.set_ylabel("Forget quality, KS p-value (log; higher is better)")
     ax.set_title(title)
@@ -157,7 +168,7 @@ def metric_bars(rows: Sequence[dict[str, Any]]) -> bytes:
         for bar, hatch in zip(bars, hatches):
             bar.set_hatch(hatch)
         if col.key == "forget_quality":
-            ax.set_yscale("log")
+            _log_axis(ax, "y")
         arrow = {True: " ↑", False: " ↓", None: ""}[col.higher_is_better]
         ax.set_title(col.title + arrow, fontsize=10)
         ax.set_xticks(range(len(rows)))
@@ -205,7 +216,7 @@ def pareto_plot(points: Sequence[dict[str, Any]], target_utility: float | None =
     if retain and retain.get(FQ) is not None and retain.get(MU) is not None:
         ax.scatter([retain[MU]], [_fq(retain[FQ])], marker="*", s=220, color="tab:green", edgecolor="black",
                    label="Retain", zorder=4)
-    ax.set_yscale("log")
+    _log_axis(ax, "y")
     ax.set_xlabel("Model utility")
     ax.set_ylabel("Forget quality (log)")
     ax.set_title("Sweep: forget quality vs model utility")
@@ -259,9 +270,9 @@ def tuning_plot(settings: dict[str, dict[str, Any]], metric: str) -> bytes | Non
             if lr is not None and y is not None:
                 ax.scatter([lr], [_fq(y) if log_y else y], s=200, facecolors="none", edgecolors="black",
                            linewidths=1.5, zorder=4, label="chosen")
-        ax.set_xscale("log")
+        _log_axis(ax, "x")
         if log_y:
-            ax.set_yscale("log")
+            _log_axis(ax, "y")
         ax.set_xlabel("lr (log)")
         ax.set_ylabel(f"{metric} (mean over tuning seeds)", fontsize=7)
         ax.set_title(key + (" (WARNING: see the tuning table)" if setting.get("flags") else ""), fontsize=8)
