@@ -58,7 +58,7 @@ def test_overlapping_intervals_with_a_consistent_paired_difference_beat():
     assert p == pytest.approx(0.01307, abs=1e-5)
     assert v["verdict"] == V.BEATS and v["test"] == "paired t" and v["n_pairs"] == 3
     assert v["p_value"] == pytest.approx(p) and v["p_holm"] == pytest.approx(p)  # a family of one
-    assert "beats adamw (paired t over 3 seeds: p = 0.013, Holm 0.013)" in v["sentence"]
+    assert "beats AdamW (FO) (paired t over 3 seeds: p = 0.013, Holm 0.013)" in v["sentence"]
 
 
 def test_pairs_only_on_the_common_seeds():
@@ -89,7 +89,7 @@ def test_the_readme_example_is_no_difference_by_welch(seeds):
     assert v["verdict"] == V.NO_DIFFERENCE and v["test"] == "Welch t" and v["n_pairs"] is None
     assert v["p_value"] == pytest.approx(0.1343, abs=1e-4)
     assert v["p_value"] == pytest.approx(stats.ttest_ind(sophia, adamw, equal_var=False).pvalue)
-    assert "shows no difference measured against adamw (Welch t: p = 0.13, Holm 0.13)" in v["sentence"]
+    assert "shows no difference measured against AdamW (FO) (Welch t: p = 0.13, Holm 0.13)" in v["sentence"]
 
 
 # ---------------------------------------------------------------------------------------------- Holm
@@ -169,7 +169,7 @@ def test_fewer_than_two_seeds_is_no_test_and_not_in_the_family():
                        ("npo", "adamw", [0, 1, 2], [0.10, 0.30, 0.50]), ("npo", "sophia", [0, 1, 2], [0.15, 0.36, 0.54]))
     one, npo = V.verdicts(table_rows(results))
     assert one["test"] is None and one["p_value"] is None and one["p_holm"] is None and one["n_pairs"] is None
-    assert one["verdict"] == V.NO_DIFFERENCE and "no difference measured against adamw (fewer than two seeds)" in one["sentence"]
+    assert one["verdict"] == V.NO_DIFFERENCE and "no difference measured against AdamW (FO) (fewer than two seeds)" in one["sentence"]
     assert npo["p_holm"] == pytest.approx(npo["p_value"])  # a family of one: the untested pair does not count
 
 
