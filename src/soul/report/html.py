@@ -9,6 +9,7 @@ from typing import Any
 
 from soul.report.results import visible_columns
 from soul.report.table import format_value
+from soul.report.verdict import RULE
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
@@ -68,8 +69,7 @@ def render_html(*, title: str, rows: list[dict[str, Any]], runs: list[dict[str, 
     figs = "".join(f"<h3>{escape(cap)}</h3><img alt=\"{escape(cap)}\" src=\"{data_uri(png)}\">"
                    for cap, png in images.items())
     note_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
-    verdict_html = ("<h2>Verdict</h2><p>Computed from the table: a method beats the first-order baseline only "
-                    "when the mean ± std intervals over seeds of forget quality separate.</p><ul>"
+    verdict_html = (f"<h2>Verdict</h2><p>{escape(RULE)}</p><ul>"
                     + "".join(f"<li>{escape(v)}</li>" for v in verdicts) + "</ul>") if verdicts else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title><style>{_CSS}</style></head>

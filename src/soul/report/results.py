@@ -221,6 +221,22 @@ def _has_entry(run: dict[str, Any], col: Column) -> bool:
                for m in col.metrics)
 
 
+def pairs_by_seed(key: str) -> bool:
+    """Whether column `key` keeps its per-seed values (``by_seed``): the columns the verdicts test
+    (`soul.report.verdict`: forget quality, model utility and each attack's recovery of the forget
+    probability), so that two settings run on the same seeds can be compared seed by seed."""
+    return key in ("forget_quality", "model_utility") or key.endswith("_recovery_prob")
+
+
+def _by_seed(runs: list[dict[str, Any]], per_run: list[float | None]) -> dict[str, float]:
+    """``{seed (as a string, as results.json keeps it): value}`` over the runs with a recorded seed and a
+    finite value; empty when two such runs share a seed (which one pairs would be a guess) — the verdict
+    then falls back to Welch's test on the means."""
+    seeded = [(str(r["seed"]), v) for r, v in zip(runs, per_run)
+              if r.get("seed") is not None and v is not None and math.isfinite(v)]
+    return dict(seeded) if len({s for s, _ in seeded}) == len(seeded) else {}
+
+
 def _run_name(run: dict[str, Any]) -> str:
     return f"seed {run['seed']}" if run.get("seed") is not None else str(run.get("name") or run_label(run))
 
@@ -228,10 +244,12 @@ def _run_name(run: dict[str, Any]) -> str:
 def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per setting (the runs of every seed of one group; order of `ordered_runs`): ``{"name" (the
     group), "label", "role", "objective", "optimizer", "optimizer_type", "seeds", "runs" (run names), "n"
-    (runs), "values": {<column key>: {"mean", "std" (sample, n − 1; None below 2 values), "n"[, "missing"]}}}``.
-    Missing values — null in a results file, or NaN/inf — are left out: a column's ``n`` counts the finite
-    values only, and ``missing`` (only when some are) names the runs (their seeds, when recorded) whose
-    entry held null or NaN."""
+    (runs), "values": {<column key>: {"mean", "std" (sample, n − 1; None below 2 values), "n"[, "by_seed"]
+    [, "missing"]}}}``. Missing values — null in a results file, or NaN/inf — are left out: a column's ``n``
+    counts the finite values only, and ``missing`` (only when some are) names the runs (their seeds, when
+    recorded) whose entry held null or NaN. ``by_seed`` (the columns the verdicts test, `pairs_by_seed`)
+    maps each seed to its finite value (`_by_seed`; empty for runs that record no seed, as in older
+    results files)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in ordered_runs(results):
         groups.setdefault(run_group(run), []).append(run)
@@ -255,6 +273,8 @@ def aggregate(results: dict[str, Any]) -> list[dict[str, Any]]:
             missing = [f"{_run_name(r)} ({'null' if v is None else v})" for r, v in zip(runs, per_run)
                        if _has_entry(r, col) and ((v is not None and not math.isfinite(v)) or (v is None and values))]
             entry["values"][col.key] = {"mean": mean, "std": std, "n": len(values)}
+            if pairs_by_seed(col.key):
+                entry["values"][col.key]["by_seed"] = _by_seed(runs, per_run)
             if missing:
                 entry["values"][col.key]["missing"] = missing
         out.append(entry)
@@ -265,12 +285,15 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The table: `aggregate` flattened, one row per setting with ``<column key>`` = the mean over seeds,
     ``<column key>_std`` its standard deviation (None for one seed), ``<column key>_n`` the number of
     seeds that have a finite value (attacks may cover fewer seeds than the runs; a NaN metric is stored as
-    null) and, when some seed lacks it, ``<column key>_missing`` naming them."""
+    null), for the columns the verdicts test ``<column key>_by_seed`` ({seed: value}, so the verdict can
+    pair seeds) and, when some seed lacks it, ``<column key>_missing`` naming them."""
     rows = []
     for entry in aggregate(results):
         row = {k: v for k, v in entry.items() if k != "values"}
         for key, stats in entry["values"].items():
             row[key], row[f"{key}_std"], row[f"{key}_n"] = stats["mean"], stats["std"], stats["n"]
+            if "by_seed" in stats:
+                row[f"{key}_by_seed"] = stats["by_seed"]
             if stats.get("missing"):
                 row[f"{key}_missing"] = stats["missing"]
         rows.append(row)

@@ -31,7 +31,7 @@ from soul.report.results import (
 from soul.report.table import markdown_table, text_table
 from soul.report.tuning import check_tuning, tuning_html, tuning_markdown
 from soul.report.tuning import flags as tuning_flags
-from soul.report.verdict import robustness_verdicts, verdicts
+from soul.report.verdict import RULE, all_verdicts
 
 BEST_MARK = "★"
 
@@ -162,8 +162,7 @@ def _robustness_html(png: bytes, sentences: list[str]) -> str:
             "rounded to b bits; paraphrase = the forget questions reworded. Recovery = (after − unlearned) / "
             "(target − unlearned) of the forget probability: 0 = the attack brought nothing back, 1 = back at "
             "the target's level; the dashed line is the retain model's relearning from scratch. Lower is more "
-            "robust. Verdicts use the same rule as above: a difference only when the mean ± std intervals over "
-            "seeds separate.</p>"
+            f"robust. {escape(RULE)}</p>"
             f'<img alt="Recovery per objective and optimizer" src="{data_uri(png)}">'
             + (f"<ul>{items}</ul>" if items else ""))
 
@@ -217,19 +216,21 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
             files["tuning.png"] = write_bytes_atomic(out / "tuning.png", png)
         tune_html = tuning_html(tuning, data_uri(png) if png is not None else None)
 
+    # A sweep's rows are settings of one objective (lr × …), not the optimizers of a comparison: its verdict is
+    # the best setting per optimizer (sweep summary), not each setting against the first AdamW one. Every test
+    # of the report is in one Holm family (`soul.report.verdict`).
+    perf_verdicts, robust_verdicts = all_verdicts(rows, performance="sweep" not in results)
     robustness_html = ""
     if any(r.get(c.key) is not None for r in rows for c in ROBUSTNESS_COLUMNS if c.key.endswith("_prob")):
         from soul.attack.report import recovery_plot
 
         png = recovery_plot(rows, "prob")
         files["recovery.png"] = write_bytes_atomic(out / "recovery.png", png)
-        compact["robustness_verdicts"] = robustness_verdicts(rows)
+        compact["robustness_verdicts"] = robust_verdicts
         robustness_html = _robustness_html(png, [v["sentence"] for v in compact["robustness_verdicts"]])
 
     compact["best_at_utility"] = {"fraction": fraction, "runs": sorted(marks)}
-    # A sweep's rows are settings of one objective (lr × …), not the optimizers of a comparison: its verdict is
-    # the best setting per optimizer (sweep summary), not each setting against the first AdamW one.
-    compact["verdicts"] = [] if "sweep" in results else verdicts(rows)
+    compact["verdicts"] = perf_verdicts
     sentences = [v["sentence"] for v in compact["verdicts"]]
     compact["problems"] = problems
     files["results.json"] = write_json_atomic(out / "results.json", compact)
@@ -239,11 +240,11 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, fraction: floa
     if marks:
         md += f"\n{BEST_MARK} per optimizer: best forget quality at model utility ≥ {fraction:.0%} of the target's.\n"
     if sentences:
-        md += "\n## Verdict\n\n" + "".join(f"- {s}\n" for s in sentences)
+        md += "\n## Verdict\n\n" + RULE + "\n\n" + "".join(f"- {s}\n" for s in sentences)
     if tuning is not None:
         md += tuning_markdown(tuning)
     if compact.get("robustness_verdicts"):
-        md += "\n## Robustness\n\n" + "".join(f"- {v['sentence']}\n" for v in compact["robustness_verdicts"])
+        md += "\n## Robustness\n\n" + ("" if sentences else RULE + "\n\n") + "".join(f"- {v['sentence']}\n" for v in compact["robustness_verdicts"])
     files["table.md"] = write_text_atomic(out / "table.md", md)
     notes = [f"{k}: {v}" for k, v in (compact.get("meta") or {}).items() if isinstance(v, str | int | float)]
     notes += [f"WARNING: {p}" for p in problems]
