@@ -283,16 +283,38 @@ def test_covered_modules_llama_and_gpt2():
         covered_modules(gpt2, ["nope"])
 
 
-def test_state_dict_round_trip_and_nbytes():
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_state_dict_round_trip_and_nbytes(kind):
     model = tiny_llama64()
-    curv = fit_kfac(model, [make_batch(SEQUENCES[:2])], kind="ekfac", mc_samples=2)
+    curv = fit_kfac(model, [make_batch(SEQUENCES[:2])], kind=kind, mc_samples=2)
     vec = [torch.randn_like(p) for p in model.parameters()]
     again = KroneckerCurvature.from_state_dict(model, curv.state_dict())
-    for x, y in zip(again.inverse_apply(vec), curv.inverse_apply(vec)):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    for fn in (lambda c: c.inverse_apply(vec), lambda c: c.apply(vec)):
+        for x, y in zip(fn(again), fn(curv)):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
     manual = sum(t.numel() * t.element_size() for b in curv.blocks.values() for t in b.tensors())
     manual += sum(h.numel() * h.element_size() for h in curv.diag.values())
     assert curv.nbytes() == manual > 0
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_gpt2_conv1d_blocks_in_float32(kind):
+    """A real GPT-2 (Conv1D, in != out, biases, float32 factors): the inverse undoes the damped product,
+    (C + λ)⁻¹(Cv + λv) = v, for every trainable parameter (blocks and diagonal)."""
+    model, _ = tiny_model("gpt2")
+    batch = {"input_ids": torch.tensor([[5, 17, 40, 99, 7, 3], [8, 8, 61, 2, 250, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]),
+             "labels": torch.tensor([[-100, -100, 40, 99, 7, 3], [-100, 8, 61, 2, 250, -100]])}
+    curv = fit_kfac(model, [batch], kind=kind)
+    blocks = curv.blocks["transformer.h.0.attn.c_attn"]
+    assert blocks.transposed and blocks.A.shape == (33, 33) and blocks.G.shape == (96, 96)
+    assert blocks.A.dtype == torch.float32 and "transformer.wte.weight" in curv.diag
+    torch.manual_seed(0)
+    vec = [torch.randn_like(p) for p in curv.params]
+    lam = 0.5
+    damped = [cv + lam * v for cv, v in zip(curv.apply(vec), vec)]
+    for got, v in zip(curv.inverse_apply(damped, damping=lam), vec):
+        torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_arguments_raise_clear_errors():
