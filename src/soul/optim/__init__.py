@@ -1,6 +1,6 @@
 """Second-order optimizers for unlearning: Sophia (GNB / Hutchinson / squared-gradient, fixed or
 calibrated rho), its curvature-free ablations (Signum, Lion), first-order baselines and any library optimizer
-through one factory, and one-shot influence unlearning."""
+through one factory, one-shot influence unlearning, and K-FAC / EK-FAC Kronecker-factored curvature."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from soul.optim.hessian import (
     rademacher_like,
 )
 from soul.optim.influence import influence_unlearn
+from soul.optim.kfac import KroneckerCurvature, covered_modules, fit_kfac
 from soul.optim.lion import Lion
 from soul.optim.signum import Signum
 from soul.optim.sophia import ESTIMATORS, SophiaG
@@ -28,11 +29,14 @@ __all__ = [
     "ESTIMATORS",
     "HESSIAN_ESTIMATORS",
     "OPTIMIZERS",
+    "KroneckerCurvature",
     "Lion",
     "Signum",
     "SophiaG",
     "build_optimizer",
+    "covered_modules",
     "estimate_hessian",
+    "fit_kfac",
     "gnb_backward",
     "hutchinson_diagonal",
     "influence_unlearn",
