@@ -3,6 +3,8 @@ key path; seeds, optimizer entries (aliases), the ``attacks`` key; `--only` / `-
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -68,7 +70,7 @@ def with_(path: str, value):
     ("influence.alpha", float("nan"), "influence.alpha", "must be a finite number"),
     ("influence.batch_size", 0, "influence.batch_size", "must be >= 1"),
     ("influence.max_retain_batches", -2, "influence.max_retain_batches", "must be >= 1"),
-    ("influence.hessian", "exact", "influence.hessian", "expected one of ['gnb', 'fisher']"),
+    ("influence.hessian", "exact", "influence.hessian", "expected one of ['gnb', 'fisher', 'kfac', 'ekfac']"),
     ("influence.generator", 1, "influence.generator", "unknown option"),  # code, not a preset option
     ("eval.batch_size", 0, "eval.batch_size", "must be >= 1"),
     ("eval.max_new_tokens", -1, "eval.max_new_tokens", "must be >= 1"),
@@ -287,3 +289,34 @@ def test_cli_seeds_reach_the_runs(tmp_path, monkeypatch):
     assert main(["reproduce", "--preset", str(write(tmp_path, BASE)), "--out", str(tmp_path / "o"),
                  "--seeds", "4,5", "--quiet"]) == 2
     assert seen["seeds"] == [4, 5]
+
+
+def test_influence_rows_by_name_with_kronecker_estimators():
+    """`influence:` takes named rows (several one-shot rows, e.g. GNB / K-FAC / EK-FAC side by side) as well as
+    one block (one row named ``influence``); K-FAC's options are checked like the others."""
+    rows = {"influence": {"hessian": "gnb"}, "influence-kfac": {"hessian": "kfac", "damping_relative": "1e-1"},
+            "influence-ekfac": {"hessian": "ekfac", "kfac_fisher": "empirical", "kfac_samples": 2}}
+    preset = load_preset({**BASE, "influence": rows})
+    assert preset.influence_runs == {**rows, "influence-kfac": {"hessian": "kfac", "damping_relative": 0.1}}
+    assert load_preset({**BASE, "influence": {"hessian": "ekfac"}}).influence_runs == {"influence": {"hessian": "ekfac"}}
+    assert load_preset(BASE).influence_runs == {}
+    for value, where, problem in (
+            ({"hessian": "shampoo"}, "influence.hessian", "expected one of"),
+            ({"influence-kfac": {"hessian": "kfac", "kfac_samples": 0}}, "influence.influence-kfac.kfac_samples",
+             "must be >= 1"),
+            ({"influence-kfac": {"hessian": "kfac"}, "alpha": 1.0}, "influence.alpha", "not both"),
+            ({"kfac": {"hessian": "kfac"}}, "influence.kfac", "must start with 'influence'"),
+            ({"influence/../x": {"hessian": "kfac"}}, "influence.influence/../x", "not a safe name"),
+            ({"influence-k": {"hessian": "kfac", "damping": 1.0, "damping_relative": 0.1}}, "influence.influence-k.damping",
+             "give either damping")):
+        with pytest.raises(PresetError, match=re.escape(where) + ": .*" + re.escape(problem)):
+            load_preset({**BASE, "influence": value})
+
+
+def test_only_selects_influence_rows_by_name():
+    from soul.pipeline.api import plan_reproduce
+
+    rows = {"influence": {"hessian": "gnb"}, "influence-kfac": {"hessian": "kfac"}}
+    _, specs, influence = plan_reproduce({**BASE, "influence": rows}, only=["influence-kfac"])
+    assert specs == [] and influence == ["influence-kfac"]
+    assert plan_reproduce({**BASE, "influence": rows})[2] == ["influence", "influence-kfac"]

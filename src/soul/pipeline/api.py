@@ -51,8 +51,8 @@ def _with_examples(preset: Preset, runs: list[dict[str, Any]]) -> None:
 
 def plan_reproduce(preset: PresetLike, only: list[str] | None = None, seeds: list[int] | None = None,
                    tune_seeds: list[int] | None = None, no_tune: bool = False
-                   ) -> tuple[Preset, list[dict[str, Any]], bool]:
-    """(preset, run specs, whether influence runs): every check of the preset, `only`, `seeds` (evaluation),
+                   ) -> tuple[Preset, list[dict[str, Any]], list[str]]:
+    """(preset, run specs, the one-shot influence rows to run): every check of the preset, `only`, `seeds` (evaluation),
     `tune_seeds` and `no_tune`, with no side effect — the command line calls it before it creates the report
     directory. The specs are the evaluation runs at the preset's options (tuning replaces them later)."""
     preset = load_preset(preset)
@@ -64,9 +64,9 @@ def plan_reproduce(preset: PresetLike, only: list[str] | None = None, seeds: lis
         preset = preset.with_tune_seeds(tune_seeds)
     flags = [f for f, v in (("--seeds", seeds), ("--tune-seeds", tune_seeds)) if v is not None]
     check_disjoint(preset.tune, preset.seeds, preset.where, f" (after {' and '.join(flags)})" if flags else "")
-    specs = select(unlearn_configs(preset), only, ("influence",) if preset.influence is not None else ())
-    do_influence = preset.influence is not None and (not only or "influence" in only)
-    return preset, specs, do_influence
+    influence = list(preset.influence_runs)
+    specs = select(unlearn_configs(preset), only, tuple(influence))
+    return preset, specs, [name for name in influence if not only or name in only]
 
 
 def plan_sweep(preset: PresetLike, seeds: list[int] | None = None) -> tuple[Preset, list[dict[str, Any]]]:
@@ -103,7 +103,7 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
               no_tune: bool = False) -> dict[str, Any]:
     """Run the whole comparison for `preset` and write the report into `out_dir`; returns the results
     structure (see `soul.report.results`). `only` restricts the grid to run names (``graddiff-sophia-s1``),
-    groups (``graddiff-sophia``: every seed) or ``influence``; `seeds` replaces the preset's (evaluation)
+    groups (``graddiff-sophia``: every seed) or one-shot rows (``influence``, ``influence-kfac``); `seeds` replaces the preset's (evaluation)
     seeds. With the preset's ``tune:`` (unless `no_tune`; `tune_seeds` replaces its seeds) each tuned
     setting first runs its grid on the tuning seeds and the evaluation runs use the chosen options
     (`soul.pipeline.tune`; records under ``out_dir/tune/``, reused by a rerun).
@@ -134,7 +134,7 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
                                 lambda spec: _tuning_run(spec, preset, ctx, out))
             specs = with_choice(specs, chosen_options(tuning))
         # 3 (4 with tuning). every unlearning run, evaluated as soon as it is trained (one model in memory)
-        n = len(specs) + int(do_influence)
+        n = len(specs) + len(do_influence)
         against = "the retain reference" if ctx["reference"] is not None else "the task's metrics"
         progress.stage(3 + tuning_on, f"unlearning: {n} runs ({len(preset.seeds)} seed(s)), each evaluated "
                                       f"against {against}")
@@ -151,12 +151,12 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
             _attack(robust, model, tokenizer, run, progress, f"run {i}/{n}")
             del model
             runs.append(run)
-        if do_influence:
-            progress.say(f"run {n}/{n}: influence (one-shot Newton step)")
-            model, tokenizer, run = influence_run(ctx["target_path"], preset, ctx["data"])
+        for i, name in enumerate(do_influence, len(specs) + 1):
+            progress.say(f"run {i}/{n}: {name} (one-shot Newton step)")
+            model, tokenizer, run = influence_run(ctx["target_path"], preset, ctx["data"], name)
             run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
-                                          out / "eval" / "influence.json")
-            _attack(robust, model, tokenizer, run, progress, f"run {n}/{n}")
+                                          path_under(out, "eval", f"{name}.json"))
+            _attack(robust, model, tokenizer, run, progress, f"run {i}/{n}")
             del model
             runs.append(run)
     if robust is not None:

@@ -15,7 +15,8 @@ Schema (top level; all optional except where a task needs them)::
       objectives: {<objective name in soul.objectives.OBJECTIVES>: {<option>: value}}
       optimizers: {<entry name>: {optimizer: <soul.optim name, default: the entry name>, <option>: value}}
       overrides: {"<objective>/<optimizer entry>": {<option>: value}}
-    influence: {<influence_unlearn option> | batch_size | max_retain_batches: value} | null
+    influence: {<influence_unlearn option> | batch_size | max_retain_batches: value} | null     (one row: "influence")
+             | {<row name "influence...">: {<option>: value}, ...}  (several one-shot rows, e.g. gnb/kfac/ekfac)
     eval: {...}                                    (keys per task: Task.eval_keys)
     sweep: {objective: str, base: {<option>: value}, grid: {<optimizer entry or name>: {<option>: [values]}}}
     seed: int (0);  seeds: [int] ([seed])           (the evaluation seeds: the only ones in the table)
@@ -86,6 +87,7 @@ FORTHCOMING_OPTIMIZERS = ("signum", "lion")
 LIB_OPTIMIZER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "pytorch_optimizer:Lion"
 AUTO_OPTIONS = {"rho": "auto"}  # options that may be a keyword instead of a number
 INFLUENCE_EXTRA = ("batch_size", "max_retain_batches")
+INFLUENCE_ROW_PREFIX = "influence"  # every one-shot row's name starts so (`_influence`)
 # Value rules, checked before any work: key -> (kind, low, high, low exclusive, may be null). Kinds: "int",
 # "float" (finite), or a tuple of allowed strings. `influence_unlearn`'s own checks, and what each task reads.
 Rule = tuple[Any, float | None, float | None, bool, bool]
@@ -93,8 +95,10 @@ INFLUENCE_RULES: dict[str, Rule] = {
     "alpha": ("float", 0, None, True, False),
     "damping": ("float", 0, None, True, True),
     "damping_relative": ("float", 0, None, True, True),
-    "hessian": (("gnb", "fisher"), None, None, False, False),
+    "hessian": (("gnb", "fisher", "kfac", "ekfac"), None, None, False, False),
     "hessian_data": (("retain", "forget", "both"), None, None, False, False),
+    "kfac_fisher": (("mc", "empirical", "exact"), None, None, False, False),
+    "kfac_samples": ("int", 1, None, False, False),
     "batch_size": ("int", 1, None, False, False),
     "max_retain_batches": ("int", 1, None, False, True),
 }
@@ -485,17 +489,35 @@ def _tune(c: _Checker, value: Any, unl: Unlearn, task: Task) -> Tune | None:
                 extend_edges=c.typed(spec.get("extend_edges", True), "tune.extend_edges", bool))
 
 
+def _influence_options(c: _Checker, cfg: dict[str, Any], path: str) -> dict[str, Any]:
+    # Only the options a preset can give: influence_unlearn's loss_fn, params, generator and kfac_modules are code.
+    c.keys(cfg, tuple(INFLUENCE_RULES), path, "option")
+    cfg = c.ruled_mapping(cfg, INFLUENCE_RULES, path)
+    if cfg.get("damping") is not None and cfg.get("damping_relative") is not None:
+        raise c.fail(f"{path}.damping", "give either damping (absolute) or damping_relative (a fraction of "
+                                        "the mean curvature), not both")
+    return cfg
+
+
 def _influence(c: _Checker, value: Any) -> dict[str, Any] | None:
+    """One block of options (one row, ``influence``), or named blocks (one row each; `Preset.influence_runs`).
+    A block's options are scalars, named blocks map to mappings: a mixture of the two is refused."""
     if value is None:
         return None
-    # Only the options a preset can give: influence_unlearn's loss_fn, params and generator are code.
     cfg = c.mapping(value, "influence")
-    c.keys(cfg, tuple(INFLUENCE_RULES), "influence", "option")
-    cfg = c.ruled_mapping(cfg, INFLUENCE_RULES, "influence")
-    if cfg.get("damping") is not None and cfg.get("damping_relative") is not None:
-        raise c.fail("influence.damping", "give either damping (absolute) or damping_relative (a fraction of "
-                                          "the mean curvature), not both")
-    return cfg
+    nested = [k for k, v in cfg.items() if isinstance(v, dict)]
+    if not nested:
+        return _influence_options(c, cfg, "influence")
+    if len(nested) != len(cfg):
+        flat = next(k for k in cfg if k not in nested)
+        raise c.fail(f"influence.{flat}", f"give either options (one row) or named rows ({nested[0]!r}: "
+                                          "{options}), not both")
+    for name in cfg:
+        c.name(name, f"influence.{name}")
+        if not str(name).startswith(INFLUENCE_ROW_PREFIX):
+            raise c.fail(f"influence.{name}", f"a one-shot row's name must start with {INFLUENCE_ROW_PREFIX!r} "
+                                              "(e.g. influence-kfac), so it never clashes with an unlearning run")
+    return {name: _influence_options(c, dict(entry), f"influence.{name}") for name, entry in cfg.items()}
 
 
 ATTACK_PIPELINE_KEYS = ("seeds", "influence")  # `attacks:` keys the pipeline reads (not soul.attack's)

@@ -141,7 +141,7 @@ class Preset:
     target: Reference = field(default_factory=Reference)
     retain: Reference = field(default_factory=Reference)
     unlearn: Unlearn = field(default_factory=Unlearn)
-    influence: dict[str, Any] | None = None
+    influence: dict[str, Any] | None = None  # one block of options, or named blocks (see `influence_runs`)
     eval: dict[str, Any] = field(default_factory=dict)
     sweep: Sweep | None = None
     seed: int = 0
@@ -151,6 +151,16 @@ class Preset:
     attack_seeds: list[int] | None = None  # the seeds whose unlearned models are attacked (None: every seed)
     attack_influence: bool = True  # attack the one-shot influence model too
     tune: Tune | None = None  # the tuning protocol of `soul reproduce` (None: every run at its preset options)
+
+    @property
+    def influence_runs(self) -> dict[str, dict[str, Any]]:
+        """One-shot influence rows, name -> options: ``{"influence": block}`` for one block of options, the
+        named blocks as given (``influence-kfac: {hessian: kfac, ...}``), ``{}`` without ``influence``."""
+        if self.influence is None:
+            return {}
+        if self.influence and all(isinstance(v, dict) for v in self.influence.values()):
+            return {name: dict(cfg) for name, cfg in self.influence.items()}
+        return {"influence": dict(self.influence)}
 
     @property
     def prompt_format(self) -> str:

@@ -73,7 +73,7 @@ class Robustness:
 
     @property
     def active(self) -> bool:
-        return bool(self.seeds) or (self.preset.influence is not None and self.preset.attack_influence)
+        return bool(self.seeds) or (bool(self.preset.influence_runs) and self.preset.attack_influence)
 
     def compute_references(self, ctx: dict[str, Any]) -> None:
         """The target's and retain model's side of every attack, each model loaded in turn (once per grid)."""

@@ -3,8 +3,8 @@
 1. `reference_models` — data, then the target (and, for TOFU, the retain) model: the preset's ready model,
    or a fine-tune of the base cached under ``<soul cache>/finetuned/<role>-<key>`` where ``key = sha256(
    base-model fingerprint, data hash, training config)``; fine-tuned once with the preset's ``seed``;
-2. `unlearning_run` / `influence_run` — one unlearning run (objective × optimizer entry × seed) or one-shot
-   influence, each returning the model and a run record (wall time, steps, config, diagnostics);
+2. `unlearning_run` / `influence_run` — one unlearning run (objective × optimizer entry × seed) or one
+   one-shot influence row, each returning the model and a run record (wall time, steps, config, diagnostics);
 3. `evaluate_run` / `evaluate_reference` — the task's metrics (reference models cached by content hash);
 4. the report, written by `soul.report.write_report` from the run records.
 """
@@ -144,12 +144,19 @@ def unlearning_run(spec: dict[str, Any], target_path: str, preset: Preset, data:
     return model, tokenizer, run
 
 
-def influence_run(target_path: str, preset: Preset, data: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    """One-shot influence unlearning of the forget split (damped diagonal-Newton ascent step)."""
+INFLUENCE_LABELS = {"gnb": "GNB", "fisher": "Fisher", "kfac": "K-FAC", "ekfac": "EK-FAC"}
+
+
+def influence_run(target_path: str, preset: Preset, data: dict[str, Any],
+                  name: str = "influence") -> tuple[Any, Any, dict[str, Any]]:
+    """One-shot influence unlearning of the forget split (one damped Newton ascent step, with the curvature of
+    the row's ``hessian``): row `name` of `Preset.influence_runs`. With several rows each is labelled by its
+    estimator in the table ("Influence (one-shot, K-FAC)"); a single row keeps the plain label."""
     from soul.data import QACollator, QADataset
     from soul.optim import influence_unlearn
 
-    cfg = dict(preset.influence or {})
+    rows = preset.influence_runs
+    cfg = dict(rows[name])
     batch_size = int(cfg.pop("batch_size", 4))
     max_batches = cfg.pop("max_retain_batches", None)
     forget, retain = preset.task_impl.splits(preset)
@@ -172,8 +179,13 @@ def influence_run(target_path: str, preset: Preset, data: dict[str, Any]) -> tup
     model, stats = influence_unlearn(model, batches(data[forget], None), batches(data[retain], max_batches),
                                      generator=generator, **cfg)
     model.eval()
-    run = {"name": "influence", "role": "influence", "wall_time_s": time.perf_counter() - t0,
-           "config": dict(preset.influence or {}), "stats": stats}
+    run = {"name": name, "role": "influence", "wall_time_s": time.perf_counter() - t0,
+           "config": dict(rows[name]), "stats": stats}
+    if len(rows) > 1:
+        hessian = rows[name].get("hessian", "gnb")
+        label = f"Influence (one-shot, {INFLUENCE_LABELS.get(hessian, hessian)})"
+        same = [n for n, c in rows.items() if c.get("hessian", "gnb") == hessian]
+        run["label"] = label if len(same) == 1 else f"{label} {name}"
     return model, tokenizer, run
 
 
