@@ -29,3 +29,34 @@ def test_influence_run_does_not_depend_on_the_global_rng(tmp_path):
     raw["seed"] = preset.seed + 1  # the preset's seed does choose the draws
     other, _, _ = influence_run(str(tmp_path / "target"), load_preset(raw), data)
     assert any(not torch.equal(weights[0][k], v) for k, v in other.state_dict().items())
+
+
+def test_three_influence_rows_gnb_kfac_ekfac_side_by_side(tmp_path, monkeypatch):
+    """A preset's named influence rows run one after the other: one table row each, labelled by estimator,
+    with the Newton-model diagnostics in every run record."""
+    import json
+
+    from soul import pipeline
+
+    monkeypatch.setenv("SOUL_CACHE", str(tmp_path / "cache"))
+    raw = read_preset("tiny")
+    common = {"alpha": 1e-5, "damping_relative": 0.1, "batch_size": 4, "max_retain_batches": 2}
+    raw["influence"] = {"influence": {**common, "hessian": "gnb"}, "influence-kfac": {**common, "hessian": "kfac"},
+                        "influence-ekfac": {**common, "hessian": "ekfac"}}
+    names = ["influence", "influence-kfac", "influence-ekfac"]
+    out = tmp_path / "report"
+    results = pipeline.reproduce(raw, out, stream=None, only=names)
+    data = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in data["table"]] == ["target", "retain", *names]
+    labels = {r["name"]: r["label"] for r in data["table"]}
+    assert [labels[n] for n in names] == ["Influence (one-shot, GNB)", "Influence (one-shot, K-FAC)",
+                                          "Influence (one-shot, EK-FAC)"]
+    runs = {r["name"]: r for r in results["runs"]}
+    for name in names:
+        assert (out / "eval" / f"{name}.json").is_file()
+        stats = runs[name]["stats"]
+        for key in ("cosine_with_ascent", "cosine_with_diagonal", "step_norm", "predicted_forget_change",
+                    "measured_forget_change", "predicted_retain_change", "measured_retain_change"):
+            assert isinstance(stats[key], float), (name, key)
+    assert runs["influence"]["stats"]["cosine_with_diagonal"] == 1.0
+    assert runs["influence-kfac"]["stats"]["cosine_with_diagonal"] < 1.0
