@@ -3,6 +3,11 @@
 Every `TrainConfig` field is an option (``--batch-size``, ``--grad-accum`` …). Values come, lowest first,
 from the defaults, ``--preset NAME`` (src/soul/presets/NAME.yaml), ``--config FILE.yaml`` and the command
 line. Options are registered without argparse defaults so the layers can be told apart.
+
+``soul unlearn --optimizer influence`` takes one damped Newton ascent step instead of training
+(`soul.train.oneshot`): ``--estimator gnb|fisher|kfac|ekfac`` (the curvature), ``--hessian-batch`` (default
+retain), ``--damping-relative`` / ``--damping``, ``--step-size`` (the step's alpha; ``--alpha`` stays
+GradDiff's retain weight), ``--max-forget-batches`` / ``--max-retain-batches``, ``--kfac-fisher``.
 """
 
 from __future__ import annotations
@@ -30,16 +35,20 @@ HELP = {
     "beta": "inverse temperature (npo, simnpo, dpo)",
     "delta": "margin (simnpo)",
     "optimizer": "adamw | sgd | sophia | signum | lion, or LIBRARY:Class (e.g. torch:SGD, "
-                 "pytorch_optimizer:SOAP, pytorch_optimizer:AdaHessian)",
+                 "pytorch_optimizer:SOAP, pytorch_optimizer:AdaHessian); influence: one damped Newton step "
+                 "instead of training (see --estimator, --step-size)",
     "optimizer_options": "extra optimizer constructor options as KEY=VALUE (values read as YAML)",
     "lr": "peak learning rate",
     "betas": "the optimizer's two betas",
     "rho": "Sophia's clipping scale (gamma in the Sophia paper), or 'auto': calibrated on the first step",
     "target_unclipped": "with --rho auto: fraction of coordinates left unclipped on the first step (0-1)",
-    "hessian_samples": "Sophia: draws averaged per Hessian estimate (GNB labels / Hutchinson vectors)",
+    "hessian_samples": "Sophia: draws averaged per Hessian estimate (GNB labels / Hutchinson vectors); "
+                       "influence with kfac/ekfac: label draws of K-FAC's mc Fisher",
     "hessian_interval": "Sophia: estimate the Hessian every k steps",
-    "estimator": "Sophia's Hessian estimator: gnb | hutchinson | gradsq",
-    "hessian_batch": "data for the Hessian estimate: forget | retain | both",
+    "estimator": "Sophia's Hessian estimator: gnb | hutchinson | gradsq; with --optimizer influence the "
+                 "curvature: gnb | fisher | kfac | ekfac",
+    "hessian_batch": "data for the Hessian estimate: forget | retain | both (default forget; retain with "
+                     "--optimizer influence)",
     "epochs": "passes over the training (forget) split",
     "max_steps": "stop after this many optimizer steps (overrides epochs)",
     "batch_size": "micro-batch size per process",
@@ -59,6 +68,19 @@ HELP = {
     "resume": "continue from the last checkpoint in --out",
     "progress": "show a progress bar",
     "report_to": "experiment trackers fed the train_log.jsonl lines: tensorboard | wandb | mlflow | trackio",
+}
+
+
+# `soul unlearn --optimizer influence` only (soul.train.oneshot.ONESHOT_OPTIONS): not TrainConfig fields.
+ONESHOT_ARGS: dict[str, dict[str, Any]] = {
+    "step_size": {"type": float, "help": "--optimizer influence: the step's alpha in alpha (C + damping)^-1 "
+                                         "grad L_forget (default 1: the full damped Newton step)"},
+    "damping_relative": {"type": float, "help": "--optimizer influence: damping as a fraction of the mean "
+                                                "curvature (per block for kfac/ekfac; default 0.1)"},
+    "damping": {"type": float, "help": "--optimizer influence: an absolute damping instead"},
+    "max_forget_batches": {"type": int, "help": "--optimizer influence: use the first N forget batches only"},
+    "max_retain_batches": {"type": int, "help": "--optimizer influence: use the first N retain batches only"},
+    "kfac_fisher": {"help": "--optimizer influence with kfac/ekfac: mc (default) | empirical | exact"},
 }
 
 
@@ -120,6 +142,9 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                             help=HELP.get(f.name), **_argparse_kwargs(str(f.type)))
+    if command == "unlearn":
+        for name, kwargs in ONESHOT_ARGS.items():
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, **kwargs)
 
 
 def _values(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,8 +171,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
         raise CLIError("--out is required: the trained model goes to a new directory")
     from soul.safety import check_output_dir
 
+    oneshot = _oneshot_options(values, preset) if command == "unlearn" else None
     # Refuse an unsafe --out before loading anything (the loop checks again once it holds the lock).
     check_output_dir(out, inputs=[model, data], overwrite=overwrite, resume=bool(values.get("resume")))
+    if oneshot is not None:
+        return _run_oneshot(model, data, out, overwrite, oneshot)
     try:
         if command == "unlearn":
             _, record = unlearn(model, data=data, out_dir=out, overwrite=overwrite, **values)
@@ -159,6 +187,52 @@ def _run(args: argparse.Namespace, command: str) -> int:
     parts = ", ".join(f"{k}={v:.4g}" for k, v in final.items()
                       if isinstance(v, float) and k not in ("lr", "time", "epoch"))
     print(f"soul {command}: {record['steps']} steps in {record['wall_time_s']:.1f}s; {parts}; model -> {out}")
+    return 0
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _oneshot_options(values: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any] | None:
+    """For ``--optimizer influence``: its options (from the preset, --config and the command line, checked by
+    `soul.train.oneshot.check_oneshot_options`), popped from `values`. Otherwise None, after refusing the
+    influence-only options and estimators. Every error is a one-line CLIError, before anything is loaded."""
+    from soul.errors import CLIError
+    from soul.train.oneshot import ONESHOT_ONLY_ESTIMATORS, ONESHOT_OPTIONS, check_oneshot_options
+
+    optimizer = values.get("optimizer", preset.get("optimizer"))
+    if optimizer != "influence":
+        given = [k for k in ONESHOT_OPTIONS if k in values]
+        if given:
+            raise CLIError(f"{_flag(given[0])} applies to --optimizer influence only (got optimizer {optimizer!r})")
+        estimator = values.get("estimator", preset.get("estimator"))
+        if estimator in ONESHOT_ONLY_ESTIMATORS:
+            raise CLIError(f"--estimator {estimator} is a curvature for --optimizer influence (a one-shot Newton "
+                           f"step); optimizer {optimizer or 'sophia'!r} takes gnb | hutchinson | gradsq")
+        return None
+    from soul.train.config import RUN_KEYS
+
+    merged = {k: v for k, v in preset.items() if k not in RUN_KEYS}
+    merged.update({k: v for k, v in values.items() if k != "preset"})
+    merged.pop("optimizer", None)
+    try:
+        options = check_oneshot_options(merged)
+    except ValueError as err:
+        raise CLIError(f"--optimizer influence: {err}") from None
+    return {k: merged[k] for k in merged if k in options}
+
+
+def _run_oneshot(model: str, data: Any, out: str, overwrite: bool, options: dict[str, Any]) -> int:
+    from soul.train.oneshot import unlearn_oneshot
+
+    _, record = unlearn_oneshot(model, data=data, out_dir=out, overwrite=overwrite, **options)
+    s = record["stats"]
+    print(f"soul unlearn: one {record['config']['estimator']} Newton step, |step|={s['step_norm']:.4g}, "
+          f"cosine with ascent {s['cosine_with_ascent']:.4g}, with the GNB step {s['cosine_with_diagonal']:.4g}; "
+          f"forget loss change predicted {s['predicted_forget_change']:.4g} / measured "
+          f"{s['measured_forget_change']:.4g}, retain {s['predicted_retain_change']:.4g} / "
+          f"{s['measured_retain_change']:.4g}; model -> {out}")
     return 0
 
 

@@ -54,7 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from soul.io import write_json_atomic, write_text_atomic
 from soul.losses import model_logits, sequence_nll
-from soul.safety import fsync_path, fsync_tree, remove_path
+from soul.safety import fsync_path, remove_path
 from soul.train.config import KEEP_BEST_METRICS, TrainConfig
 from soul.train.trackers import close_run, open_for_run
 
@@ -690,10 +690,9 @@ def _run_training(
     }
     if main and out is not None:
         from soul.models import save_model
+        from soul.train.output import publish_output
 
-        staging = out.parent / f".{out.name}.final-{os.getpid()}"
-        remove_path(staging)
-        try:
+        def fill(staging: Path) -> None:
             save_model(trained, tokenizer, staging, state_dict=full_state)
             record["out_dir"] = str(out)
             write_json_atomic(staging / RUN_NAME, record)
@@ -701,19 +700,8 @@ def _run_training(
                 shutil.copy2(log_path, staging / LOG_NAME)
             if ckpt_root.exists() and (cfg.keep_checkpoints or cfg.keep_best):
                 shutil.copytree(ckpt_root, staging / "checkpoints", ignore=shutil.ignore_patterns(".tmp-*"))
-            fsync_tree(staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if out.exists():  # swap in place: the old directory (this run's working files) goes only after
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(staging, out)
-            fsync_path(out.parent)
-            remove_path(old)  # links in it are unlinked, never followed
-        else:
-            os.replace(staging, out)
-            fsync_path(out.parent)
+
+        publish_output(out, fill)
         if work != out:
             remove_path(work)
     close_run(trackers, out)

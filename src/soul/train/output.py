@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from soul.safety import (
     check_output_dir,
     clean_leftovers,
     dir_lock,
+    fsync_path,
+    fsync_tree,
     is_lock_record,
     links_inside,
     mark_output,
@@ -124,3 +127,27 @@ def guarded_run_output(out_dir: str | os.PathLike, *, resume: bool, overwrite: b
             if created and not any(checkpoints.glob("step-*")):
                 remove_path(out)
             raise
+
+
+def publish_output(out: Path, fill: Callable[[Path], None]) -> None:
+    """Write a run's final output: `fill` writes it into a staging sibling (``.<out>.final-PID``), which is
+    fsynced and renamed into place; a previous `out` (a soul output, checked by `guarded_run_output`) is
+    renamed aside and removed only after the new one is in place. A failure in `fill` leaves `out` as it was
+    and no staging directory."""
+    staging = out.parent / f".{out.name}.final-{os.getpid()}"
+    remove_path(staging)
+    try:
+        fill(staging)
+        fsync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():  # swap in place: the old directory (this run's working files) goes only after
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(staging, out)
+        fsync_path(out.parent)
+        remove_path(old)  # links in it are unlinked, never followed
+    else:
+        os.replace(staging, out)
+        fsync_path(out.parent)
