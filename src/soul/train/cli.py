@@ -38,7 +38,7 @@ HELP = {
     "target_unclipped": "with --rho auto: fraction of coordinates left unclipped on the first step (0-1)",
     "hessian_samples": "Sophia: draws averaged per Hessian estimate (GNB labels / Hutchinson vectors)",
     "hessian_interval": "Sophia: estimate the Hessian every k steps",
-    "estimator": "Sophia's Hessian estimator: gnb | hutchinson | gradsq",
+    "estimator": "Sophia's Hessian estimator: gnb | hutchinson | gradsq, or kfac | ekfac (Kronecker-factored)",
     "hessian_batch": "data for the Hessian estimate: forget | retain | both",
     "epochs": "passes over the training (forget) split",
     "max_steps": "stop after this many optimizer steps (overrides epochs)",
