@@ -12,7 +12,7 @@ the weight's param group (:math:`\eta` the lr of each parameter's own group):
 
 .. math::
 
-    \theta &\leftarrow \theta - \eta\,\lambda_{wd}\,\theta                     && \text{(decoupled weight decay, as SophiaG)}\\
+    \theta &\leftarrow \theta - \eta\,\lambda_{wd}\,\theta  && \text{(decoupled weight decay, as SophiaG)}\\
     m_t &= \beta_1 m_{t-1} + (1-\beta_1)\,G_t                                 && \text{(every step)}\\
     A &\leftarrow \beta_2 A + (1-\beta_2)\hat A,\quad G \leftarrow \beta_2 G + (1-\beta_2)\hat G
         && \text{(on a refresh: every } k=\texttt{hessian\_interval}\text{ steps from step 0)}\\
