@@ -2,8 +2,8 @@
 
 Built in: ``adamw`` and ``sgd`` (torch), ``sophia`` (:class:`SophiaG`; with ``estimator`` ``kfac`` or
 ``ekfac`` :class:`~soul.optim.ksophia.KroneckerSophia`, which also takes ``damping_relative``),
-``signum`` (:class:`Signum`, Sophia without curvature) and ``lion`` (:class:`Lion`). Any optimizer class of an installed library is
-reachable as ``"LIBRARY:Class"``: ``torch:SGD`` / ``torch:RAdam`` (``torch.optim``),
+``signum`` (:class:`Signum`, Sophia without curvature) and ``lion`` (:class:`Lion`). Any optimizer class of
+an installed library is reachable as ``"LIBRARY:Class"``: ``torch:SGD`` / ``torch:RAdam`` (``torch.optim``),
 ``pytorch_optimizer:SOAP``, ``pytorch_optimizer:AdaHessian`` … (``torch`` means ``torch.optim``). Options are
 the class's own constructor keywords.
 
