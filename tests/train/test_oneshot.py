@@ -91,8 +91,8 @@ def test_cli_influence_overwrite_replaces_only_its_own_output(world, tmp_path, c
 BAD = [
     (["--optimizer", "influence", "--estimator", "hutchinson"], "'estimator' with optimizer 'influence' must be one of"),
     (["--optimizer", "influence", "--estimator", "shampoo"], "'estimator' with optimizer 'influence' must be one of"),
-    (["--optimizer", "adamw", "--estimator", "kfac"], "--estimator kfac is a curvature for --optimizer influence"),
-    (["--optimizer", "sophia", "--estimator", "ekfac"], "--estimator ekfac is a curvature for --optimizer influence"),
+    (["--optimizer", "adamw", "--estimator", "kfac"], "--estimator kfac is a Kronecker curvature for --optimizer sophia or influence"),
+    (["--optimizer", "sophia", "--estimator", "fisher"], "--estimator fisher is a curvature for --optimizer influence"),
     (["--optimizer", "influence", "--damping", "0"], "'damping' must be a finite number > 0"),
     (["--optimizer", "influence", "--damping-relative", "-0.1"], "'damping_relative' must be a finite number > 0"),
     (["--optimizer", "influence", "--damping-relative", "nan"], "'damping_relative' must be a finite number > 0"),

@@ -1,5 +1,5 @@
 """Second-order optimizers for unlearning: Sophia (GNB / Hutchinson / squared-gradient, fixed or
-calibrated rho), its curvature-free ablations (Signum, Lion), first-order baselines and any library optimizer
+calibrated rho; or a K-FAC / EK-FAC preconditioner), its curvature-free ablations (Signum, Lion), first-order baselines and any library optimizer
 through one factory, one-shot influence unlearning, and K-FAC / EK-FAC Kronecker-factored curvature."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from soul.optim.hessian import (
 )
 from soul.optim.influence import influence_unlearn
 from soul.optim.kfac import KroneckerCurvature, covered_modules, fit_kfac
+from soul.optim.ksophia import KRONECKER_ESTIMATORS, KroneckerSophia
 from soul.optim.lion import Lion
 from soul.optim.signum import Signum
 from soul.optim.sophia import ESTIMATORS, SophiaG
@@ -28,8 +29,10 @@ from soul.optim.sophia import ESTIMATORS, SophiaG
 __all__ = [
     "ESTIMATORS",
     "HESSIAN_ESTIMATORS",
+    "KRONECKER_ESTIMATORS",
     "OPTIMIZERS",
     "KroneckerCurvature",
+    "KroneckerSophia",
     "Lion",
     "Signum",
     "SophiaG",

@@ -1,8 +1,9 @@
 """`build_optimizer(name, params, **cfg)`: one factory for every optimizer an objective can be run with.
 
-Built in: ``adamw`` and ``sgd`` (torch), ``sophia`` (:class:`SophiaG`), ``signum`` (:class:`Signum`,
-Sophia without curvature) and ``lion`` (:class:`Lion`). Any optimizer class of an installed library is
-reachable as ``"LIBRARY:Class"``: ``torch:SGD`` / ``torch:RAdam`` (``torch.optim``),
+Built in: ``adamw`` and ``sgd`` (torch), ``sophia`` (:class:`SophiaG`; with ``estimator`` ``kfac`` or
+``ekfac`` :class:`~soul.optim.ksophia.KroneckerSophia`, which also takes ``damping_relative``),
+``signum`` (:class:`Signum`, Sophia without curvature) and ``lion`` (:class:`Lion`). Any optimizer class of
+an installed library is reachable as ``"LIBRARY:Class"``: ``torch:SGD`` / ``torch:RAdam`` (``torch.optim``),
 ``pytorch_optimizer:SOAP``, ``pytorch_optimizer:AdaHessian`` … (``torch`` means ``torch.optim``). Options are
 the class's own constructor keywords.
 
@@ -35,9 +36,10 @@ from typing import Any
 
 import torch
 
+from soul.optim.ksophia import KRONECKER_ESTIMATORS, KroneckerSophia
 from soul.optim.lion import Lion
 from soul.optim.signum import Signum
-from soul.optim.sophia import SophiaG
+from soul.optim.sophia import ESTIMATORS, SophiaG
 
 
 def _adamw(params: Any, **cfg: Any) -> torch.optim.Optimizer:
@@ -56,6 +58,16 @@ def _sophia(params: Any, **cfg: Any) -> torch.optim.Optimizer:
         if "rho" in cfg:
             raise ValueError("sophia: give either 'rho' or its alias 'gamma', not both")
         cfg["rho"] = cfg.pop("gamma")
+    # estimator kfac / ekfac: the same rule with a Kronecker preconditioner (soul.optim.ksophia)
+    estimator = cfg.get("estimator", "gnb")
+    if estimator in KRONECKER_ESTIMATORS:
+        return KroneckerSophia(params, **cfg)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"sophia: estimator must be one of {[*ESTIMATORS, *KRONECKER_ESTIMATORS]}, "
+                         f"got {estimator!r}")
+    if "damping_relative" in cfg:
+        raise ValueError(f"sophia: damping_relative applies to the Kronecker estimators "
+                         f"{list(KRONECKER_ESTIMATORS)} only, not to estimator {estimator!r}")
     return SophiaG(params, **cfg)
 
 
@@ -76,7 +88,7 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], type]] = {
     "lion": (_lion, Lion),
 }
 _ALIASES = {"sophiag": "sophia", "sophia-g": "sophia", "adam_w": "adamw"}
-_EXTRA_OPTIONS = {"sophia": {"gamma"}}
+_EXTRA_OPTIONS = {"sophia": {"gamma", "damping_relative"}}  # damping_relative: KroneckerSophia's
 # Library classes known to need backward(create_graph=True) (see the module docstring for the other signals).
 CREATE_GRAPH_OPTIMIZERS = {("pytorch_optimizer", "AdaHessian"), ("pytorch_optimizer", "SophiaH")}
 _LIBRARY_MODULES = {"torch": "torch.optim"}

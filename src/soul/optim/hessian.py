@@ -23,6 +23,10 @@ attention kernels have no double backward.
 
 ``gradsq`` — :math:`\hat h = g\odot g` of the training gradients on every step, computed inside
 ``SophiaG.step()`` (the official SOUL code). Nothing to estimate here.
+
+``kfac`` / ``ekfac`` — not a diagonal: the Kronecker-factored Gauss-Newton of :mod:`soul.optim.kfac`
+(``fisher="mc"``, ``samples`` label draws), fitted on the batch and folded into a
+:class:`~soul.optim.ksophia.KroneckerSophia` by its ``refresh_curvature``.
 """
 
 from __future__ import annotations
@@ -193,7 +197,16 @@ def _hutchinson(model: torch.nn.Module, batch: Batch | Sequence[Batch], optimize
     return {"tokens": float(sum(loss_bearing_tokens(b) for b in batches if "labels" in b))}
 
 
-HESSIAN_ESTIMATORS: dict[str, Callable[..., dict[str, float]]] = {"gnb": _gnb, "hutchinson": _hutchinson}
+def _kronecker(model: torch.nn.Module, batch: Batch | Sequence[Batch], optimizer: Any, *,
+               loss_fn: LossFn | None, generator: torch.Generator | None, samples: int = 1) -> dict[str, float]:
+    if not hasattr(optimizer, "refresh_curvature"):
+        raise TypeError(f"the kfac / ekfac estimators need a KroneckerSophia (build_optimizer('sophia', ..., "
+                        f"estimator='kfac')), got {type(optimizer).__name__}")
+    return optimizer.refresh_curvature(model, _as_batches(batch), generator=generator, samples=samples)
+
+
+HESSIAN_ESTIMATORS: dict[str, Callable[..., dict[str, float]]] = {"gnb": _gnb, "hutchinson": _hutchinson,
+                                                                   "kfac": _kronecker, "ekfac": _kronecker}
 
 
 def estimate_hessian(
@@ -220,6 +233,10 @@ def estimate_hessian(
     if not hasattr(optimizer, "update_hessian"):
         raise TypeError(f"estimate_hessian needs a SophiaG optimizer, got {type(optimizer).__name__}")
     name = estimator or optimizer.defaults.get("estimator", "gnb")
+    kind = getattr(optimizer, "kind", None)  # a KroneckerSophia's factors are of one kind
+    if kind is not None and name != kind:
+        raise ValueError(f"estimate_hessian: this KroneckerSophia holds {kind} factors; estimator {name!r} "
+                         "cannot refresh them")
     if name == "gradsq":
         raise ValueError("estimator 'gradsq' is computed inside SophiaG.step() from the training gradients "
                          "(official SOUL behaviour); there is nothing to estimate beforehand")

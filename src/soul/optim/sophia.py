@@ -114,6 +114,8 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
 class SophiaG(Optimizer):
     """Sophia with a pluggable diagonal-Hessian estimator; see the module docstring for the math.
 
+    (:class:`soul.optim.ksophia.KroneckerSophia` is the same rule with a K-FAC / EK-FAC preconditioner.)
+
     Args:
         params: parameters or param-group dicts, as for any torch optimizer.
         lr: learning rate :math:`\\eta` (the largest per-coordinate step).
@@ -150,7 +152,7 @@ class SophiaG(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
                         hessian_interval=hessian_interval, estimator=estimator,
                         bias_correction=bias_correction, foreach=foreach, target_unclipped=target_unclipped)
-        _validate(defaults, where="SophiaG")
+        _validate(defaults, where=type(self).__name__, estimators=self.estimators)
         super().__init__(params, defaults)
         self._pending_clip: tuple[torch.Tensor, Any] | None = None
         self._pending_h: tuple[torch.Tensor, torch.Tensor, Any, Any] | None = None
@@ -160,7 +162,8 @@ class SophiaG(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
-        _validate(group, where=f"SophiaG param group {len(self.param_groups) - 1}")
+        _validate(group, where=f"{type(self).__name__} param group {len(self.param_groups) - 1}",
+                  estimators=self.estimators)
         for key, value in _COUNTERS.items():
             group.setdefault(key, value)
 
@@ -251,6 +254,8 @@ class SophiaG(Optimizer):
     # -- the step -----------------------------------------------------------------------------------------
     # Subclasses without curvature (Signum) set this False: no estimate is ever due and h stays zero.
     uses_curvature = True
+    # The estimator names this class accepts (KroneckerSophia: kfac, ekfac).
+    estimators: tuple[str, ...] = ESTIMATORS
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -407,7 +412,7 @@ class SophiaG(Optimizer):
         return stats
 
 
-def _validate(group: Mapping[str, Any], *, where: str) -> None:
+def _validate(group: Mapping[str, Any], *, where: str, estimators: tuple[str, ...] = ESTIMATORS) -> None:
     lr, (beta1, beta2) = group["lr"], group["betas"]
     checks = [
         (isinstance(lr, float | int) and lr >= 0, f"lr must be >= 0, got {lr!r}"),
@@ -423,8 +428,8 @@ def _validate(group: Mapping[str, Any], *, where: str) -> None:
         (group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']!r}"),
         (isinstance(group["hessian_interval"], int) and group["hessian_interval"] >= 1,
          f"hessian_interval must be an integer >= 1, got {group['hessian_interval']!r}"),
-        (group["estimator"] in ESTIMATORS,
-         f"estimator must be one of {list(ESTIMATORS)}, got {group['estimator']!r}"),
+        (group["estimator"] in estimators,
+         f"estimator must be one of {list(estimators)}, got {group['estimator']!r}"),
     ]
     for ok, message in checks:
         if not ok:

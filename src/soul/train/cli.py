@@ -45,8 +45,8 @@ HELP = {
     "hessian_samples": "Sophia: draws averaged per Hessian estimate (GNB labels / Hutchinson vectors); "
                        "influence with kfac/ekfac: label draws of K-FAC's mc Fisher",
     "hessian_interval": "Sophia: estimate the Hessian every k steps",
-    "estimator": "Sophia's Hessian estimator: gnb | hutchinson | gradsq; with --optimizer influence the "
-                 "curvature: gnb | fisher | kfac | ekfac",
+    "estimator": "Sophia's Hessian estimator: gnb | hutchinson | gradsq, or kfac | ekfac (Kronecker-factored); "
+                 "with --optimizer influence the curvature: gnb | fisher | kfac | ekfac",
     "hessian_batch": "data for the Hessian estimate: forget | retain | both (default forget; retain with "
                      "--optimizer influence)",
     "epochs": "passes over the training (forget) split",
@@ -207,9 +207,12 @@ def _oneshot_options(values: dict[str, Any], preset: dict[str, Any]) -> dict[str
         if given:
             raise CLIError(f"{_flag(given[0])} applies to --optimizer influence only (got optimizer {optimizer!r})")
         estimator = values.get("estimator", preset.get("estimator"))
+        if estimator in ("kfac", "ekfac") and (optimizer or "sophia") != "sophia":
+            raise CLIError(f"--estimator {estimator} is a Kronecker curvature for --optimizer sophia or influence; "
+                           f"optimizer {optimizer!r} takes no curvature estimator")
         if estimator in ONESHOT_ONLY_ESTIMATORS:
             raise CLIError(f"--estimator {estimator} is a curvature for --optimizer influence (a one-shot Newton "
-                           f"step); optimizer {optimizer or 'sophia'!r} takes gnb | hutchinson | gradsq")
+                           f"step); optimizer {optimizer or 'sophia'!r} takes gnb | hutchinson | gradsq | kfac | ekfac")
         return None
     from soul.train.config import RUN_KEYS
 

@@ -44,7 +44,7 @@ ONESHOT_OPTIONS = ("step_size", "damping", "damping_relative", "max_forget_batch
 SHARED_OPTIONS = ("forget_split", "retain_split", "prompt_format", "max_length", "batch_size", "seed",
                   "estimator", "hessian_batch", "hessian_samples", "progress")
 ESTIMATORS = ("gnb", "fisher", "kfac", "ekfac")
-ONESHOT_ONLY_ESTIMATORS = ("fisher", "kfac", "ekfac")  # no other optimizer takes these
+ONESHOT_ONLY_ESTIMATORS = ("fisher",)  # no other optimizer takes it (sophia also takes kfac / ekfac)
 DEFAULTS: dict[str, Any] = {"estimator": "gnb", "hessian_batch": "retain", "step_size": 1.0, "damping": None,
                             "damping_relative": None, "max_forget_batches": None, "max_retain_batches": None,
                             "kfac_fisher": "mc", "hessian_samples": 1}
