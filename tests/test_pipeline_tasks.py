@@ -119,6 +119,39 @@ def test_wmdp_needs_its_multiple_choice_sets(tmp_path):
         load_preset(raw)  # checked with the preset, before any data is read
 
 
+def test_wmdp_scores_with_lm_eval_protocol_by_default(tmp_path):
+    """The wmdp task's accuracies are lm-eval's lettered protocol unless the preset asks for cloze; WMDP's
+    topic (``mc_name``) reaches the description, MMLU records name their own ``subject``; the reference-model
+    cache key carries the protocol in force, so a cached cloze evaluation is never reused for lm_eval."""
+    from soul.eval import multiple_choice_eval
+    from soul.testing import tiny_model
+
+    model, tok = tiny_model("llama")
+    mmlu = write_jsonl(tmp_path / "mmlu.jsonl", [{"question": "What is 1 + 1?", "choices": ["1", "2", "3", "4"],
+                                                  "answer": 1, "subject": "elementary_mathematics"}])
+    raw = tiny_preset("wmdp", tmp_path, raw=True)
+    raw["data"].update(mc_name="wmdp-bio", utility_mc_source=mmlu)
+    default = load_preset(raw)
+    cloze = load_preset({**raw, "eval": {**raw["eval"], "mc_protocol": "cloze"}})
+    data = load_task_data(default)
+    got = default.task_impl.evaluate(model, tok, default, data, None)
+
+    def direct(records, **kw):
+        return multiple_choice_eval(model, tok, records, batch_size=8, **kw)["mc_accuracy"]
+
+    assert got["forget_mc_accuracy"] == direct(data["_eval"]["forget_mc"], protocol="lm_eval", subject="biology")
+    assert got["forget_mc_accuracy"] != direct(data["_eval"]["forget_mc"], protocol="lm_eval")  # subject used
+    assert got["utility_mc_accuracy"] == direct(data["_eval"]["utility_mc"], protocol="lm_eval",
+                                                subject="elementary mathematics")
+    got_cloze = cloze.task_impl.evaluate(model, tok, cloze, data, None)
+    assert got_cloze["forget_mc_accuracy"] == direct(data["_eval"]["forget_mc"], protocol="cloze",
+                                                     prompt_format="plain")
+    assert got_cloze["forget_mc_accuracy"] != got["forget_mc_accuracy"]
+    keys = [p.task_impl.eval_cache_key(p, data, None) for p in (default, cloze)]
+    assert keys[0]["mc_protocol"] == "lm_eval" and keys[1]["mc_protocol"] == "cloze"
+    assert load_preset("wmdp").eval["mc_protocol"] == "lm_eval"  # the GPU preset says so explicitly
+
+
 # ----------------------------------------------------------------------------------------------- presets
 @pytest.mark.parametrize("task", ["copyright", "detox", "wmdp"])
 def test_gpu_presets_load_and_validate(task):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import pytest
 import torch
@@ -61,7 +61,7 @@ def test_copyright_batched_equals_reference_and_errors():
         copyright_eval(model, tok, ["a long enough passage of text here", "short"], prefix_tokens=4)
 
 
-def test_multiple_choice_matches_independent_loglik():
+def test_multiple_choice_cloze_matches_independent_loglik():
     # float64: the eval batches the choices differently from the oracle's one padded batch; in float32 the
     # summed log-likelihoods differed by ~1e-5 (kernel-dependent), in float64 by ~1e-14.
     model, tok = tiny_model("llama")
@@ -70,7 +70,7 @@ def test_multiple_choice_matches_independent_loglik():
         {"question": "Which city is the capital of France?", "choices": ["Paris", "Lima", "Oslo"], "answer": 0},
         {"question": "What did the baker make?", "choices": ["bread", "a lighthouse clock"], "answer": 1},
     ]
-    res = multiple_choice_eval(model, tok, records, batch_size=2)
+    res = multiple_choice_eval(model, tok, records, protocol="cloze", batch_size=2)
     for i, r in enumerate(records):
         batch = pad_batch([encode_qa(tok, r["question"], c) for c in r["choices"]], tok.pad_token_id)
         with torch.no_grad():
@@ -109,9 +109,11 @@ def test_default_profanity_scorer_separates_toxic_text():
     assert toxic > 0.5 > clean
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
-def test_lm_eval_missing_is_a_clear_error():
+def test_lm_eval_missing_is_a_clear_error(monkeypatch):
     from soul.eval.harness import run_lm_eval
+
+    # `make setup` installs lm-eval (the protocol tests compare against it): hide it to test its absence.
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
 
     with pytest.raises(ImportError, match=r"soul\[lm-eval\]"):
         run_lm_eval("smollm2-135m", "mmlu")

@@ -111,6 +111,7 @@ EVAL_RULES: dict[str, Rule] = {
     "min_k": ("float", 0, 1, True, False),
     "threshold": ("float", 0, 1, False, False),
     "prompt_format": (("auto", "chat", "plain", "raw"), None, None, False, False),
+    "mc_protocol": (("lm_eval", "cloze"), None, None, False, False),  # soul.eval.multiple_choice.PROTOCOLS
     "scorer": (str, None, None, False, False),
 }
 # ``data`` keys of every task (numbers: sizes and counts; the rest strings); ``data.bundled``: bundled_dir's.

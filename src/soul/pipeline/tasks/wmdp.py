@@ -5,7 +5,12 @@ hazardous topic); metrics: multiple-choice accuracy (`soul.eval.multiple_choice_
 
 Preset ``data``: the copyright task's corpus keys plus ``mc_source``, ``mc_name``, ``mc_split`` ("test") and
 ``utility_mc_source``, ``utility_mc_name``, ``utility_mc_split``. ``eval``: ``batch_size`` (16),
-``prompt_format`` ("plain", i.e. "Question: …\\nAnswer:").
+``mc_protocol`` ("lm_eval": lettered choices scored as lm-evaluation-harness's wmdp / mmlu tasks do, the
+protocol of published numbers; "cloze": each choice's text as the answer, see `soul.eval.multiple_choice`),
+``prompt_format`` (cloze only; "plain", i.e. "Question: …\\nAnswer:").
+
+lm-eval's description names the topic: for WMDP from ``mc_name`` (``wmdp-bio`` → biology, …), for MMLU from
+each record's ``subject`` field.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from soul.pipeline.tasks.copyright import CORPUS_KEYS, corpus_qa
 if TYPE_CHECKING:
     from soul.pipeline.preset_types import Preset
 
+DEFAULT_PROTOCOL = "lm_eval"  # published WMDP / MMLU accuracies are lm-eval's
+
 
 class WmdpTask(Task):
     name = "wmdp"
     data_keys = (*CORPUS_KEYS, "mc_source", "mc_name", "mc_split", "utility_mc_source", "utility_mc_name",
                  "utility_mc_split")
-    eval_keys = ("batch_size", "prompt_format")
+    eval_keys = ("batch_size", "prompt_format", "mc_protocol")
     default_prompt_format = "raw"
     report_group = "wmdp"
 
@@ -46,12 +53,24 @@ class WmdpTask(Task):
     def evaluate(self, model: Any, tokenizer: Any, preset: Preset, data: dict[str, Any],
                  reference: dict[str, Any] | None) -> dict[str, Any]:
         from soul.eval import multiple_choice_eval
+        from soul.eval.multiple_choice import WMDP_SUBJECTS
 
         model.eval()
         fmt, bs = str(preset.eval.get("prompt_format", "plain")), int(preset.eval.get("batch_size", 16))
-        return {f"{role}_mc_accuracy": multiple_choice_eval(model, tokenizer, data["_eval"][f"{role}_mc"],
-                                                            prompt_format=fmt, batch_size=bs)["mc_accuracy"]
-                for role in ("forget", "utility")}
+        return {f"{role}_mc_accuracy": multiple_choice_eval(
+                    model, tokenizer, data["_eval"][f"{role}_mc"], protocol=self.protocol(preset),
+                    subject=WMDP_SUBJECTS.get(str(preset.data.get(f"{prefix}mc_name"))), prompt_format=fmt,
+                    batch_size=bs)["mc_accuracy"]
+                for role, prefix in (("forget", ""), ("utility", "utility_"))}
+
+    @staticmethod
+    def protocol(preset: Preset) -> str:
+        return str(preset.eval.get("mc_protocol", DEFAULT_PROTOCOL))
+
+    def eval_cache_key(self, preset: Preset, data: dict[str, Any], reference: dict[str, Any] | None) -> Any:
+        # The protocol in force, not only what the preset spells: a cached evaluation from before lm_eval
+        # became the default (the preset silent on it) was cloze, and must not be reused.
+        return {**super().eval_cache_key(preset, data, reference), "mc_protocol": self.protocol(preset)}
 
     def examples(self, metrics: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
         return {"forget": [], "retain": []}  # multiple choice records no generations
