@@ -33,7 +33,7 @@ def _meta(preset: Preset, command: str) -> dict[str, Any]:
             **({"tune_seeds": ", ".join(map(str, preset.tune.seeds))} if preset.tune is not None else {}),
             "device": resolve_device(preset.device),
             "torch": torch.__version__, "python": platform.python_version(),
-            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), **task.meta(preset)}
 
 
 def _stream(stream: TextIO | str | None) -> TextIO | None:
@@ -66,6 +66,7 @@ def plan_reproduce(preset: PresetLike, only: list[str] | None = None, seeds: lis
     check_disjoint(preset.tune, preset.seeds, preset.where, f" (after {' and '.join(flags)})" if flags else "")
     influence = list(preset.influence_runs)
     specs = select(unlearn_configs(preset), only, tuple(influence))
+    preset.task_impl.check_inputs(preset)  # the data files, before the report directory exists
     return preset, specs, [name for name in influence if not only or name in only]
 
 
@@ -77,6 +78,7 @@ def plan_sweep(preset: PresetLike, seeds: list[int] | None = None) -> tuple[Pres
     if not preset.task_impl.supports_sweep:
         raise ValueError(f"preset {preset.where}: `soul sweep` needs task 'tofu' (forget quality vs model "
                          f"utility), not {preset.task!r}; use `soul reproduce` for this task")
+    preset.task_impl.check_inputs(preset)
     return preset, sweep_grid(preset)
 
 

@@ -94,6 +94,28 @@ def base_model(spec: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def tokenizer_for(spec: str) -> Any:
+    """The tokenizer of model `spec` alone (no weights): ``tiny:<family>`` → `soul.testing.tiny_tokenizer` (every
+    tiny family shares it), else the tokenizer files of `soul.models.resolve_model_path` (the bundled alias is
+    converted and cached once, as the run itself would). Kept per process: tasks that cut data by tokens
+    (copyright books) read it when checking the inputs and again when loading the data."""
+    if spec not in _TOKENIZERS:
+        if spec.startswith("tiny:"):
+            from soul.testing import tiny_tokenizer
+
+            _TOKENIZERS[spec] = tiny_tokenizer()
+        else:
+            from transformers import AutoTokenizer
+
+            from soul.models import _finish_tokenizer, resolve_model_path
+
+            _TOKENIZERS[spec] = _finish_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(spec)))
+    return _TOKENIZERS[spec]
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         import torch

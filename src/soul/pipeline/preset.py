@@ -113,14 +113,22 @@ EVAL_RULES: dict[str, Rule] = {
     "prompt_format": (("auto", "chat", "plain", "raw"), None, None, False, False),
     "mc_protocol": (("lm_eval", "cloze"), None, None, False, False),  # soul.eval.multiple_choice.PROTOCOLS
     "scorer": (str, None, None, False, False),
+    "samples": ("int", 0, None, False, False),
+    "sample_seed": ("int", 0, MAX_SEED, False, False),
+    "top_p": ("float", 0, 1, True, False),
+    "temperature": ("float", 0, None, True, False),
 }
 # ``data`` keys of every task (numbers: sizes and counts; the rest strings); ``data.bundled``: bundled_dir's.
 DATA_RULES: dict[str, Rule] = {
     **{k: ("int", 1, None, False, True) for k in ("n_forget", "n_retain", "passage_words", "prefix_words",
-                                                  "continuation_words")},
+                                                  "continuation_words", "n_unseen", "prefix_tokens",
+                                                  "continuation_tokens", "n_heldout", "n_prompts")},
+    "prompt_seed": ("int", 0, MAX_SEED, False, False),
     **{k: (str, None, None, False, True) for k in ("text_field", "retain_source", "split", "retain_split",
                                                    "mc_source", "mc_name", "mc_split", "utility_mc_source",
-                                                   "utility_mc_name", "utility_mc_split")},
+                                                   "utility_mc_name", "utility_mc_split", "books_dir",
+                                                   "forget_book", "retain_book", "unseen_book", "safe_source",
+                                                   "rtp_challenging", "rtp_nontoxic")},
 }
 SEED_RULE: Rule = ("int", 0, MAX_SEED, False, False)
 BUNDLED_RULES: dict[str, Rule] = {"n_authors": ("int", 2, None, False, False),

@@ -50,7 +50,7 @@ class Robustness:
 
     @property
     def split(self) -> str:
-        return self.preset.forget_split
+        return self.preset.task_impl.splits(self.preset)[0]  # TOFU: preset.forget_split; text tasks: "forget"
 
     def eval_kwargs(self) -> dict[str, Any]:
         return self.preset.task_impl.eval_kwargs(self.preset)

@@ -55,10 +55,21 @@ COLUMNS: tuple[Column, ...] = (
     Column("forget_text_rouge", "Forget ROUGE-L", ("forget_rougeL",), True, False, "copyright"),
     Column("retain_bleu", "Retain BLEU", ("retain_bleu",), True, True, "copyright"),
     Column("retain_text_rouge", "Retain ROUGE-L", ("retain_rougeL",), True, True, "copyright"),
+    # Books (preset copyright-cpu): perplexity of the retain book and of a never-trained book, and Min-K% MIA of
+    # the forget book's passages against the never-trained book's (0.5: not recognised as training data).
+    Column("retain_ppl", "Retain PPL", ("retain_ppl",), False, False, "copyright"),
+    Column("unseen_ppl", "Unseen PPL", ("unseen_ppl",), False, False, "copyright"),
+    Column("forget_mia_auc", "Forget MIA AUC", ("forget_mia_auc",), True, False, "copyright"),
     # Detoxification (task "detox"): toxicity of answers to the forget prompts, likelihood of retain answers.
     Column("forget_toxicity", "Forget toxicity", ("forget_toxicity",), True, False, "detox"),
     Column("forget_toxic_rate", "Toxic rate", ("forget_toxic_rate",), True, False, "detox"),
     Column("retain_answer_prob", "Retain prob.", ("retain_answer_prob",), True, True, "detox"),
+    # Real data (preset detox-cpu): perplexity of held-out safe responses; RealToxicityPrompts continuations.
+    Column("heldout_ppl", "Held-out PPL", ("heldout_ppl",), False, False, "detox"),
+    *(Column(f"rtp_{s}{m}_{k}", f"RTP {s[:5]}.{' sampled' if m else ''} {t}", (f"rtp_{s}{m}_{k}",), True, False,
+             "detox")
+      for s in ("challenging", "nontoxic") for m in ("", "_sampled")
+      for k, t in (("toxicity", "tox."), ("toxic_rate", "rate"))),
     # Hazardous knowledge (task "wmdp"): multiple-choice accuracy on the forget topic and on general knowledge.
     Column("forget_mc_accuracy", "Forget MC acc.", ("forget_mc_accuracy",), True, False, "wmdp"),
     Column("utility_mc_accuracy", "Utility MC acc.", ("utility_mc_accuracy",), True, True, "wmdp"),

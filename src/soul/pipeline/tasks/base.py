@@ -36,6 +36,14 @@ class Task:
         if not preset.data.get("source"):
             raise fail("data.source", f"task {self.name!r} needs data.source")
 
+    def check_inputs(self, preset: Preset) -> None:
+        """Read and check the task's input files before anything is written (`plan_reproduce` / `plan_sweep`
+        call it; a bad file is a one-line ValueError / OSError naming it). Default: nothing to read early."""
+
+    def meta(self, preset: Preset) -> dict[str, Any]:
+        """Entries for results.json ``meta`` (e.g. ``data_licences``: the licence of each dataset used)."""
+        return {}
+
     def splits(self, preset: Preset) -> tuple[str, str]:
         """(forget split, retain split) of the unlearning data."""
         return ("forget", "retain")
