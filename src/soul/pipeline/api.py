@@ -113,7 +113,7 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
     unless `keep_models` (saved under ``out_dir/runs/<name>/model``). With the preset's ``attacks:``, each
     unlearned model of ``attacks.seeds`` (and influence) is attacked after its evaluation
     (`soul.pipeline.robustness`; results under ``out_dir/attacks/``, robustness columns in the table)."""
-    preset, specs, do_influence = plan_reproduce(preset, only, seeds, tune_seeds, no_tune)
+    preset, specs, influence_rows = plan_reproduce(preset, only, seeds, tune_seeds, no_tune)
     stream = _stream(stream)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
                                 lambda spec: _tuning_run(spec, preset, ctx, out))
             specs = with_choice(specs, chosen_options(tuning))
         # 3 (4 with tuning). every unlearning run, evaluated as soon as it is trained (one model in memory)
-        n = len(specs) + len(do_influence)
+        n = len(specs) + len(influence_rows)
         against = "the retain reference" if ctx["reference"] is not None else "the task's metrics"
         progress.stage(3 + tuning_on, f"unlearning: {n} runs ({len(preset.seeds)} seed(s)), each evaluated "
                                       f"against {against}")
@@ -153,7 +153,7 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
             _attack(robust, model, tokenizer, run, progress, f"run {i}/{n}")
             del model
             runs.append(run)
-        for i, name in enumerate(do_influence, len(specs) + 1):
+        for i, name in enumerate(influence_rows, len(specs) + 1):
             progress.say(f"run {i}/{n}: {name} (one-shot Newton step)")
             model, tokenizer, run = influence_run(ctx["target_path"], preset, ctx["data"], name)
             run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
