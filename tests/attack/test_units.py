@@ -168,3 +168,23 @@ def test_normalize_config_defaults_and_errors():
     for cfg, message in bad:
         with pytest.raises(ValueError, match=message):
             normalize_config(cfg)
+
+
+def test_several_influence_rows_keep_a_bar_each_and_a_best_mark_each():
+    """With influence rows for GNB, K-FAC and EK-FAC in one report, the robustness figure gives each its own bar
+    (one shared "one-shot" bar would show only one of them) and the ★ is chosen per row, as per optimizer."""
+    from soul.attack.report import bar_rows
+    from soul.report.write import best_marks
+
+    rows = [{"name": "target", "role": "target", "forget_quality": 0.01, "model_utility": 0.5},
+            {"name": "graddiff-adamw", "role": "unlearned", "objective": "graddiff", "optimizer": "adamw",
+             "forget_quality": 0.2, "model_utility": 0.49}]
+    rows += [{"name": n, "role": "influence", "forget_quality": fq, "model_utility": 0.49}
+             for n, fq in (("influence", 0.3), ("influence-kfac", 0.1), ("influence-ekfac", 0.05))]
+    bars = bar_rows(rows)
+    assert [(r["objective"], r["optimizer"]) for r in bars] == [
+        ("graddiff", "adamw"), ("influence", "one-shot GNB"), ("influence", "one-shot K-FAC"),
+        ("influence", "one-shot EK-FAC")]
+    assert set(best_marks(rows)) == {"graddiff-adamw", "influence", "influence-kfac", "influence-ekfac"}
+    # one influence row keeps the figure it always had
+    assert [r["optimizer"] for r in bar_rows(rows[:3])] == ["adamw", "one-shot"]

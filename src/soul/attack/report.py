@@ -28,6 +28,25 @@ from soul.columns import OBJECTIVE_NAMES, OPTIMIZER_NAMES, Column
 GROUP = "robustness"
 
 
+def bar_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that give bars, each with its bar group (``objective``) and bar (``optimizer``): unlearned runs
+    as they are; one-shot influence as an objective of its own, "influence", whose bar is "one-shot" — or, with
+    several influence rows (``influence``, ``influence-kfac``, ``influence-ekfac``), one bar per row, named by
+    its curvature, so the rows do not overwrite each other."""
+    names = {"influence": "one-shot", "influence-gnb": "one-shot GNB", "influence-kfac": "one-shot K-FAC",
+             "influence-ekfac": "one-shot EK-FAC"}
+    picked = [r for r in rows if r.get("role", "unlearned") in ("unlearned", "influence")]
+    several = sum(1 for r in picked if r.get("role") == "influence") > 1
+    out = []
+    for r in picked:
+        if r.get("role") == "influence" and not r.get("optimizer"):
+            name = str(r.get("name") or "influence")
+            label = ("one-shot GNB" if name == "influence" else names.get(name, name)) if several else "one-shot"
+            r = {**r, "objective": r.get("objective") or "influence", "optimizer": label}
+        out.append(r)
+    return out
+
+
 def attack_columns(bits: Sequence[int] = (4,)) -> tuple[Column, ...]:
     """The robustness columns for quantization at `bits` (see the module doc), in table order."""
     cols = [
@@ -108,9 +127,7 @@ def _recovery_plot(rows: Sequence[dict[str, Any]], metric: str = "prob", title: 
     suffix = f"_recovery_{metric}"
     keys = sorted({k for r in rows for k, v in r.items() if k.endswith(suffix) and v is not None},
                   key=lambda k: (0 if k.startswith("relearn") else 2 if k.startswith("paraphrase") else 1, k))
-    # Unlearned runs, and one-shot influence as an objective of its own with a "one-shot" optimizer.
-    unlearned = [{**r, "objective": r.get("objective") or "influence", "optimizer": r.get("optimizer") or "one-shot"}
-                 for r in rows if r.get("role", "unlearned") in ("unlearned", "influence")]
+    unlearned = bar_rows(rows)
     if not keys or not unlearned:
         raise ValueError(f"no {metric} recovery figures in the rows: run attacks on the unlearned models first")
     objectives = list(dict.fromkeys(r.get("objective") for r in unlearned))

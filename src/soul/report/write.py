@@ -44,7 +44,7 @@ def target_utility(rows: list[dict[str, Any]]) -> float | None:
 
 
 def best_marks(rows: list[dict[str, Any]], fraction: float = 0.95) -> dict[str, str]:
-    """Row name -> "★" for, per optimizer (influence counts as its own), the unlearned run with the best
+    """Row name -> "★" for, per optimizer (each influence row counts as its own), the unlearned run with the best
     forget quality among those keeping model utility ≥ fraction × the target's."""
     t_mu = target_utility(rows)
     if t_mu is None:
@@ -52,7 +52,7 @@ def best_marks(rows: list[dict[str, Any]], fraction: float = 0.95) -> dict[str, 
     cand = [r for r in rows if r["role"] in ("unlearned", "influence")
             and r.get("forget_quality") is not None and r.get("model_utility") is not None]
     points = [{FQ: r["forget_quality"], MU: r["model_utility"],
-               "optimizer": r.get("optimizer") or r["role"]} for r in cand]
+               "optimizer": r.get("optimizer") or r.get("name") or r["role"]} for r in cand]
     best = best_at_utility(points, t_mu, fraction)
     return {cand[i]["name"]: BEST_MARK for i in best.values() if i is not None}
 
