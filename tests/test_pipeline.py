@@ -25,10 +25,11 @@ def test_shipped_presets_load_and_every_run_config_is_valid():
         assert preset.where.endswith(f"reproduce-{name}.yaml")
         specs = unlearn_configs(preset)
         objectives = {s["objective"] for s in specs}
-        # tofu-cpu and the demo run GradDiff only, to fit their time budgets (NPO is one line away; paper-cpu
-        # runs it with the demo's optimizers)
-        assert ({"graddiff"} if name in ("tofu-cpu", "demo") else {"graddiff", "npo"}) <= objectives, name
-        assert {s["optimizer"] for s in specs} >= {"adamw", "sophia"}, name
+        # tofu-cpu, the demo and curvature run GradDiff only, to fit their time budgets (NPO is one line away;
+        # paper-cpu runs it with the demo's optimizers)
+        graddiff_only = name in ("tofu-cpu", "demo", "curvature")
+        assert ({"graddiff"} if graddiff_only else {"graddiff", "npo"}) <= objectives, name
+        assert {s["optimizer_type"] for s in specs} >= {"adamw", "sophia"}, name
         budgets = {(s["config"].get("max_steps"), s["config"].get("epochs")) for s in specs}
         assert len(budgets) == 1, f"{name}: unequal step budgets {budgets}"
         # `soul sweep` is TOFU-only (forget quality vs model utility); the other tasks' presets have no grid.
