@@ -87,12 +87,7 @@ def detox_pairs(records: Sequence, file: str) -> list[dict]:
     check_records(records, file)
     out = []
     for i, r in enumerate(records):
-        check_str(r, "prompt", file, i)
-        _check_layout(r, file, i)
-        if "response_0" in r or "response_1" in r:
-            for k in (0, 1):
-                check_str(r, f"response_{k}", file, i)
-                _check_bool(r, f"is_response_{k}_safe", file, i, required=True)
+        if _checked_hub_layout(r, file, i):
             for k in (0, 1):
                 if not r[f"is_response_{k}_safe"]:
                     pair = {"question": r["prompt"], "answer": r[f"response_{k}"], "source_index": i,
@@ -100,15 +95,27 @@ def detox_pairs(records: Sequence, file: str) -> list[dict]:
                     if r[f"is_response_{1 - k}_safe"]:
                         pair["safe_answer"] = r[f"response_{1 - k}"]
                     out.append(pair)
-        else:
-            check_str(r, "response", file, i)
-            _check_bool(r, "is_safe", file, i, required=False)
-            if not r.get("is_safe", False):
-                out.append({"question": r["prompt"], "answer": r["response"], "source_index": i,
-                            "source_field": "response"})
+        elif not r.get("is_safe", False):
+            out.append({"question": r["prompt"], "answer": r["response"], "source_index": i,
+                        "source_field": "response"})
     if not out:
         raise DataError(file, "empty split: no unsafe responses to forget")
     return out
+
+
+def _checked_hub_layout(r: dict, file: str, i: int) -> bool:
+    """Check record `i` in whichever layout it has; True for the hub's (response_0/1 + is_response_*_safe),
+    False for the simple prompt,response[,is_safe]."""
+    check_str(r, "prompt", file, i)
+    _check_layout(r, file, i)
+    if "response_0" in r or "response_1" in r:
+        for k in (0, 1):
+            check_str(r, f"response_{k}", file, i)
+            _check_bool(r, f"is_response_{k}_safe", file, i, required=True)
+        return True
+    check_str(r, "response", file, i)
+    _check_bool(r, "is_safe", file, i, required=False)
+    return False
 
 
 def _check_layout(r: dict, file: str, i: int) -> None:
@@ -125,20 +132,12 @@ def safe_responses(records: Sequence, file: str) -> list[dict]:
     check_records(records, file)
     out = []
     for i, r in enumerate(records):
-        check_str(r, "prompt", file, i)
-        _check_layout(r, file, i)
-        if "response_0" in r or "response_1" in r:
-            for k in (0, 1):
-                check_str(r, f"response_{k}", file, i)
-                _check_bool(r, f"is_response_{k}_safe", file, i, required=True)
+        if _checked_hub_layout(r, file, i):
             out.extend({"question": r["prompt"], "answer": r[f"response_{k}"], "source_index": i,
                         "source_field": f"response_{k}"} for k in (0, 1) if r[f"is_response_{k}_safe"])
-        else:
-            check_str(r, "response", file, i)
-            _check_bool(r, "is_safe", file, i, required=False)
-            if r.get("is_safe", True):
-                out.append({"question": r["prompt"], "answer": r["response"], "source_index": i,
-                            "source_field": "response"})
+        elif r.get("is_safe", True):
+            out.append({"question": r["prompt"], "answer": r["response"], "source_index": i,
+                        "source_field": "response"})
     if not out:
         raise DataError(file, "empty split: no safe responses to keep")
     return out
