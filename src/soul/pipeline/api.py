@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from soul.io import write_json_atomic
 from soul.pipeline.common import Progress, base_model, path_under, resolve_device
 from soul.pipeline.grid import select, sweep_grid, unlearn_configs, with_choice
 from soul.pipeline.preset import Preset, load_preset
 from soul.pipeline.preset_types import check_disjoint
 from soul.pipeline.robustness import Robustness, describe
 from soul.pipeline.stages import evaluate_run, influence_run, reference_models, unlearning_run
-from soul.pipeline.tune import chosen_options, run_tuning, tuned_label
+from soul.pipeline.tune import cached_run, chosen_options, record_key, run_tuning, tuned_label
 from soul.report import write_report
 from soul.report.results import run_label
 
@@ -90,6 +91,36 @@ def _attack(robust: Robustness | None, model: Any, tokenizer: Any, run: dict[str
     robust.attack(model, tokenizer, run)
 
 
+def _run_key(spec: dict[str, Any], preset: Preset, ctx: dict[str, Any], robust: Robustness | None,
+             attacked: bool, keep_models: bool) -> str:
+    """What an evaluation run's finished record depends on: everything a tuning record does (`record_key`)
+    plus the attacks it went through (their settings and the references' key) and whether its model was kept."""
+    from soul.pipeline.common import sha
+
+    attacks = ({"cfg": robust.cfg, "references": (robust.references or {}).get("key")}
+               if attacked and robust is not None else None)
+    return sha({"run": record_key(spec, ctx, preset), "attacks": attacks, "keep_model": keep_models})
+
+
+def _finished(path: Path, key: str, robust: Robustness | None, attacked: bool, keep_models: bool
+              ) -> dict[str, Any] | None:
+    """The record of a run an earlier call into this report directory finished (trained, evaluated, attacked),
+    or None when there is none for `key` or a file it names is gone (then the run is redone)."""
+    from soul.safety import read_json_object
+
+    run = cached_run(path, key)
+    if run is None:
+        return None
+    if keep_models and not (path.parent / "model").is_dir():
+        return None
+    if attacked and robust is not None:
+        result = read_json_object(run.get("attacks_file", ""))
+        if result is None:
+            return None
+        robust.first = robust.first or result
+    return run
+
+
 def _tuning_run(spec: dict[str, Any], preset: Preset, ctx: dict[str, Any], out: Path) -> dict[str, Any]:
     """One tuning run: unlearn and evaluate (no attacks, no model kept); its record is what the rule reads."""
     model, tokenizer, run = unlearning_run(spec, ctx["target_path"], preset, ctx["data"],
@@ -140,7 +171,17 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
         against = "the retain reference" if ctx["reference"] is not None else "the task's metrics"
         progress.stage(3 + tuning_on, f"unlearning: {n} runs ({len(preset.seeds)} seed(s)), each evaluated "
                                       f"against {against}")
+        # Each finished run leaves its record (runs/<name>/record.json, keyed by what it depends on): a rerun
+        # into the same directory reuses those and runs the rest, so a killed grid resumes where it stopped.
         for i, spec in enumerate(specs, 1):
+            attacked = robust is not None and robust.wants({"seed": spec["seed"], "role": "unlearned"})
+            record = path_under(out, "runs", spec["name"], "record.json")
+            key = _run_key(spec, preset, ctx, robust, attacked, keep_models)
+            done = _finished(record, key, robust, attacked, keep_models)
+            if done is not None:
+                progress.say(f"run {i}/{n}: {spec['name']}: finished by an earlier call, record {record}")
+                runs.append(done)
+                continue
             progress.say(f"run {i}/{n}: {spec['name']} ({spec['objective']} + {spec['optimizer']}, seed {spec['seed']})")
             model, tokenizer, run = unlearning_run(spec, ctx["target_path"], preset, ctx["data"],
                                                    path_under(out, "runs", spec["name"]), keep_models)
@@ -152,14 +193,26 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
                                                                                   f"{spec['optimizer']}"))
             _attack(robust, model, tokenizer, run, progress, f"run {i}/{n}")
             del model
+            write_json_atomic(record, {"key": key, "run": run})
             runs.append(run)
         for i, name in enumerate(influence_rows, len(specs) + 1):
+            attacked = robust is not None and robust.wants({"role": "influence"})
+            record = path_under(out, "runs", name, "record.json")
+            as_spec = {"objective": "influence", "optimizer_type": name,
+                       "config": {**preset.influence_runs[name], "seed": preset.seed}}
+            key = _run_key(as_spec, preset, ctx, robust, attacked, False)
+            done = _finished(record, key, robust, attacked, False)
+            if done is not None:
+                progress.say(f"run {i}/{n}: {name}: finished by an earlier call, record {record}")
+                runs.append(done)
+                continue
             progress.say(f"run {i}/{n}: {name} (one-shot Newton step)")
             model, tokenizer, run = influence_run(ctx["target_path"], preset, ctx["data"], name)
             run["metrics"] = evaluate_run(model, tokenizer, preset, ctx["data"], ctx["reference"],
                                           path_under(out, "eval", f"{name}.json"))
             _attack(robust, model, tokenizer, run, progress, f"run {i}/{n}")
             del model
+            write_json_atomic(record, {"key": key, "run": run})
             runs.append(run)
     if robust is not None:
         robust.finish(runs)

@@ -29,6 +29,11 @@ def path_under(root: str | os.PathLike, *parts: str) -> Path:
     base = Path(root).resolve()
     path = Path(root).joinpath(*parts)
     if not path.resolve().is_relative_to(base) or path.resolve() == base:
+        lexical = Path(os.path.normpath(Path(root).absolute().joinpath(*parts)))
+        if lexical.is_relative_to(Path(root).absolute()) and lexical != Path(root).absolute():
+            raise ValueError(f"{path}: is a symbolic link, or lies under one, that points outside the report "
+                             f"directory {root}; soul does not write through links it did not make: remove the "
+                             "link or choose another output directory")
         raise ValueError(f"{path}: a run or file name {'/'.join(parts)!r} would leave the report directory "
                          f"{root}; names must be one path component ([A-Za-z0-9._+-], no '..')")
     return path
