@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         from soul.testing import tiny_llama
 
-        model, name = tiny_llama(), "tiny:llama"
+        (model, _), name = tiny_llama(), "tiny:llama"
         shapes: tuple[tuple[int, int], ...] = ((2, 16), (4, 16))
     else:
         from soul.models import load_model
