@@ -91,34 +91,29 @@ def _attack(robust: Robustness | None, model: Any, tokenizer: Any, run: dict[str
     robust.attack(model, tokenizer, run)
 
 
-def _run_key(spec: dict[str, Any], preset: Preset, ctx: dict[str, Any], robust: Robustness | None,
-             attacked: bool, keep_models: bool) -> str:
-    """What an evaluation run's finished record depends on: everything a tuning record does (`record_key`)
-    plus the attacks it went through (their settings and the references' key) and whether its model was kept."""
+def _earlier_run(out: Path, name: str, spec: dict[str, Any], preset: Preset, ctx: dict[str, Any],
+                 robust: Robustness | None, attacked: bool, keep_models: bool
+                 ) -> tuple[Path, str, dict[str, Any] | None]:
+    """(record path, key, the run an earlier call into this report directory finished) for run `name`; the run
+    is None when no record holds `key` or a file it names is gone (then the run is redone and its record
+    written under `key`). The key is everything a tuning record depends on (`record_key`) plus the attacks the
+    run went through (their settings and the references' key) and whether its model was kept."""
     from soul.pipeline.common import sha
-
-    attacks = ({"cfg": robust.cfg, "references": (robust.references or {}).get("key")}
-               if attacked and robust is not None else None)
-    return sha({"run": record_key(spec, ctx, preset), "attacks": attacks, "keep_model": keep_models})
-
-
-def _finished(path: Path, key: str, robust: Robustness | None, attacked: bool, keep_models: bool
-              ) -> dict[str, Any] | None:
-    """The record of a run an earlier call into this report directory finished (trained, evaluated, attacked),
-    or None when there is none for `key` or a file it names is gone (then the run is redone)."""
     from soul.safety import read_json_object
 
-    run = cached_run(path, key)
-    if run is None:
-        return None
-    if keep_models and not (path.parent / "model").is_dir():
-        return None
+    record = path_under(out, "runs", name, "record.json")
+    attacks = ({"cfg": robust.cfg, "references": (robust.references or {}).get("key")}
+               if attacked and robust is not None else None)
+    key = sha({"run": record_key(spec, ctx, preset), "attacks": attacks, "keep_model": keep_models})
+    run = cached_run(record, key)
+    if run is None or (keep_models and not (record.parent / "model").is_dir()):
+        return record, key, None
     if attacked and robust is not None:
         result = read_json_object(run.get("attacks_file", ""))
         if result is None:
-            return None
-        robust.first = robust.first or result
-    return run
+            return record, key, None
+        robust.first = robust.first or result  # the reference rows' attack values come from one result
+    return record, key, run
 
 
 def _tuning_run(spec: dict[str, Any], preset: Preset, ctx: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -175,9 +170,7 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
         # into the same directory reuses those and runs the rest, so a killed grid resumes where it stopped.
         for i, spec in enumerate(specs, 1):
             attacked = robust is not None and robust.wants({"seed": spec["seed"], "role": "unlearned"})
-            record = path_under(out, "runs", spec["name"], "record.json")
-            key = _run_key(spec, preset, ctx, robust, attacked, keep_models)
-            done = _finished(record, key, robust, attacked, keep_models)
+            record, key, done = _earlier_run(out, spec["name"], spec, preset, ctx, robust, attacked, keep_models)
             if done is not None:
                 progress.say(f"run {i}/{n}: {spec['name']}: finished by an earlier call, record {record}")
                 runs.append(done)
@@ -197,11 +190,9 @@ def reproduce(preset: PresetLike, out_dir: str | os.PathLike, *, keep_models: bo
             runs.append(run)
         for i, name in enumerate(influence_rows, len(specs) + 1):
             attacked = robust is not None and robust.wants({"role": "influence"})
-            record = path_under(out, "runs", name, "record.json")
             as_spec = {"objective": "influence", "optimizer_type": name,
                        "config": {**preset.influence_runs[name], "seed": preset.seed}}
-            key = _run_key(as_spec, preset, ctx, robust, attacked, False)
-            done = _finished(record, key, robust, attacked, False)
+            record, key, done = _earlier_run(out, name, as_spec, preset, ctx, robust, attacked, False)
             if done is not None:
                 progress.say(f"run {i}/{n}: {name}: finished by an earlier call, record {record}")
                 runs.append(done)
