@@ -16,6 +16,9 @@ OBJECTIVE_NAMES = {
     "simnpo": "SimNPO", "dpo": "DPO",
 }
 OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "sophia": "Sophia", "signum": "Signum", "lion": "Lion"}
+# Curvature estimators as tables name them (Sophia's `estimator`, one-shot influence's `hessian`).
+CURVATURE_NAMES = {"gnb": "GNB", "hutchinson": "Hutchinson", "gradsq": "gradsq", "fisher": "Fisher",
+                   "kfac": "K-FAC", "ekfac": "EK-FAC"}
 
 
 @dataclass(frozen=True)

@@ -237,3 +237,53 @@ def test_report_files_carry_the_test_and_both_p_values(tmp_path):
     # Redrawn from results.json alone (per-seed values come back from its runs): the same verdicts.
     again = json.loads(write_report(data, tmp_path / "again", stream=None)["results.json"].read_text())
     assert again["verdicts"] == data["verdicts"] and again["robustness_verdicts"] == data["robustness_verdicts"]
+
+
+# ------------------------------------------------------------------------------ the task's headline metric
+def _task_run(opt, seed, metrics):
+    return {"name": f"graddiff-{opt}-s{seed}", "group": f"graddiff-{opt}", "role": "unlearned", "seed": seed,
+            "objective": "graddiff", "optimizer": opt, "optimizer_type": opt,
+            "metrics": {k: {"agg_value": v} for k, v in metrics.items()}}
+
+
+@pytest.mark.parametrize(("metric", "utility", "name"), [
+    ("rtp_challenging_toxicity", "retain_answer_prob", "RTP challenging toxicity"),  # detox-cpu
+    ("forget_toxicity", "retain_answer_prob", "forget toxicity"),                    # detox without RTP prompts
+    ("forget_rougeL", "retain_rougeL", "forget ROUGE-L"),                            # copyright
+    ("forget_mc_accuracy", "utility_mc_accuracy", "forget MC accuracy"),             # wmdp
+])
+def test_tasks_without_forget_quality_are_tested_on_their_own_metric_where_lower_is_better(metric, utility, name):
+    """A detox / copyright / WMDP table has no forget quality: the verdict tests the task's forget metric
+    (lower is better) seed by seed, instead of reporting "fewer than two seeds" for three seeds."""
+    seeds, adamw, sophia = [0, 1, 2], [0.30, 0.50, 0.70], [0.25, 0.44, 0.66]  # lower on every seed
+    runs = [_task_run("adamw", s, {metric: a, utility: 0.5}) for s, a in zip(seeds, adamw)]
+    runs += [_task_run("sophia", s, {metric: b, utility: 0.5}) for s, b in zip(seeds, sophia)]
+    rows = table_rows({"meta": {}, "runs": runs})
+    assert V.headline(rows).metric in (metric, {"forget_rougeL": "forget_text_rouge"}.get(metric))
+    [v] = V.verdicts(rows)
+    p = stats.ttest_rel(sophia, adamw).pvalue
+    assert p < 0.05 and v["test"] == "paired t" and v["n_pairs"] == 3 and v["p_value"] == pytest.approx(p)
+    assert v["verdict"] == V.BEATS and f"{name} (lower is better)" in v["sentence"] and "(n = 3 vs 3 seeds" in v["sentence"]
+    # the same numbers the other way round: the optimizer whose metric is higher is worse
+    swapped = [dict(r, metrics={metric: r["metrics"][metric], utility: {"agg_value": 0.5}},
+                    optimizer={"adamw": "sophia", "sophia": "adamw"}[r["optimizer"]],
+                    optimizer_type={"adamw": "sophia", "sophia": "adamw"}[r["optimizer"]],
+                    group="graddiff-" + {"adamw": "sophia", "sophia": "adamw"}[r["optimizer"]]) for r in runs]
+    [w] = V.verdicts(table_rows({"meta": {}, "runs": swapped}))
+    assert w["verdict"] == V.WORSE
+
+
+def test_the_task_utility_qualifies_a_win_and_tofu_keeps_forget_quality():
+    seeds = [0, 1, 2]
+    runs = [_task_run("adamw", s, {"rtp_challenging_toxicity": a, "retain_answer_prob": u})
+            for s, a, u in zip(seeds, [0.30, 0.50, 0.70], [0.50, 0.55, 0.60])]
+    runs += [_task_run("sophia", s, {"rtp_challenging_toxicity": b, "retain_answer_prob": u})
+             for s, b, u in zip(seeds, [0.25, 0.44, 0.66], [0.48, 0.535, 0.58])]
+    [v] = V.verdicts(table_rows({"meta": {}, "runs": runs}))
+    assert v["verdict"] == V.MIXED and "retain prob. lower (paired t" in v["sentence"]
+    assert v["metric"] == "rtp_challenging_toxicity" and v["utility"]["metric"] == "retain_answer_prob"
+    # Forget quality wins whenever a row has it (a TOFU table), even beside other columns.
+    tofu = _results(("graddiff", "adamw", seeds, [0.10, 0.30, 0.50]), ("graddiff", "sophia", seeds, [0.15, 0.36, 0.54]))
+    assert V.headline(table_rows(tofu)).metric == "forget_quality"
+    [t] = V.verdicts(table_rows(tofu))
+    assert t["verdict"] == V.BEATS and t["metric"] == "forget_quality" and "(lower is better)" not in t["sentence"]

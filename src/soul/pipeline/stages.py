@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from soul.columns import CURVATURE_NAMES
 from soul.io import write_json_atomic, write_text_atomic
 from soul.pipeline.common import CACHE_VERSION, Progress, hash_records, load, model_fingerprint, sha
 from soul.pipeline.preset_types import Preset
@@ -144,9 +145,6 @@ def unlearning_run(spec: dict[str, Any], target_path: str, preset: Preset, data:
     return model, tokenizer, run
 
 
-INFLUENCE_LABELS = {"gnb": "GNB", "fisher": "Fisher", "kfac": "K-FAC", "ekfac": "EK-FAC"}
-
-
 def influence_run(target_path: str, preset: Preset, data: dict[str, Any],
                   name: str = "influence") -> tuple[Any, Any, dict[str, Any]]:
     """One-shot influence unlearning of the forget split (one damped Newton ascent step, with the curvature of
@@ -183,7 +181,7 @@ def influence_run(target_path: str, preset: Preset, data: dict[str, Any],
            "config": dict(rows[name]), "stats": stats}
     if len(rows) > 1:
         hessian = rows[name].get("hessian", "gnb")
-        label = f"Influence (one-shot, {INFLUENCE_LABELS.get(hessian, hessian)})"
+        label = f"Influence (one-shot, {CURVATURE_NAMES.get(hessian, hessian)})"
         same = [n for n, c in rows.items() if c.get("hessian", "gnb") == hessian]
         run["label"] = label if len(same) == 1 else f"{label} {name}"
     return model, tokenizer, run

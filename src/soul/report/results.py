@@ -25,11 +25,11 @@ from typing import Any
 
 from soul.attack.report import GROUP as ROBUSTNESS
 from soul.attack.report import attack_columns as _attack_columns
+from soul.columns import CURVATURE_NAMES, Column
 
 # Defined in soul.columns (shared with soul.attack.report without a circle); still importable from here.
 from soul.columns import OBJECTIVE_NAMES as OBJECTIVE_NAMES
 from soul.columns import OPTIMIZER_NAMES as OPTIMIZER_NAMES
-from soul.columns import Column
 
 ROLES = ("target", "retain", "unlearned", "influence")
 ROLE_LABELS = {"target": "Original (target)", "retain": "Retain", "influence": "Influence (one-shot)"}
@@ -110,14 +110,20 @@ def optimizer_type(run: dict[str, Any]) -> str:
 
 def optimizer_label(run: dict[str, Any]) -> str:
     """Display name of a run's optimizer with its kind: "AdamW (FO)", "Sophia ρ=0.04 (SO)", "Sophia ρ=auto
-    (SO)", "Signum (sign, no curvature)"; ``module:Class`` optimizers as "Class (module)"."""
+    (SO)", "Sophia K-FAC ρ=auto (SO)" (a curvature estimator other than the default GNB is named: rows that
+    differ only in it must not read alike), "Signum (sign, no curvature)"; ``module:Class`` optimizers as
+    "Class (module)"."""
     kind = optimizer_type(run)
     entry = str(run.get("optimizer") or kind)
     if ":" in kind:
         module, cls = kind.rsplit(":", 1)
         return f"{cls} ({module})"
     name = OPTIMIZER_NAMES.get(kind, kind)
-    rho = (run.get("config") or {}).get("rho")
+    config = run.get("config") or {}
+    estimator = config.get("estimator")
+    if OPTIMIZER_ORDER.get(kind) == "SO" and estimator not in (None, "gnb"):
+        name = f"{name} {CURVATURE_NAMES.get(estimator, estimator)}"
+    rho = config.get("rho")
     if rho is not None and OPTIMIZER_ORDER.get(kind) == "SO":
         name = f"{name} ρ={rho:g}" if isinstance(rho, int | float) else f"{name} ρ={rho}"
     elif entry != kind:
@@ -234,9 +240,12 @@ def _has_entry(run: dict[str, Any], col: Column) -> bool:
 
 def pairs_by_seed(key: str) -> bool:
     """Whether column `key` keeps its per-seed values (``by_seed``): the columns the verdicts test
-    (`soul.report.verdict`: forget quality, model utility and each attack's recovery of the forget
-    probability), so that two settings run on the same seeds can be compared seed by seed."""
-    return key in ("forget_quality", "model_utility") or key.endswith("_recovery_prob")
+    (`soul.report.verdict`: each task's headline metric and its utility — forget quality and model utility
+    for TOFU — and each attack's recovery of the forget probability), so that two settings run on the same
+    seeds can be compared seed by seed."""
+    from soul.report.verdict import HEADLINE_KEYS  # verdict imports this module's names
+
+    return key in HEADLINE_KEYS or key.endswith("_recovery_prob")
 
 
 def _by_seed(runs: list[dict[str, Any]], per_run: list[float | None]) -> dict[str, float]:

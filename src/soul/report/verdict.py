@@ -33,14 +33,19 @@ smallest of m p-values is multiplied by m − i + 1, then made non-decreasing an
 carries the raw ``p_value``, the adjusted ``p_holm``, ``test`` ("paired t", "Welch t" or None) and
 ``n_pairs`` (the paired seeds; None for Welch). `compare` / `compare_recovery` alone are a family of one.
 
-Verdict on forget quality (higher is better) at α = 0.05: the other optimizer **beats** the baseline when
-p_holm < α and the mean difference (of the paired differences, or of the two means for Welch) is positive,
-is **worse** when p_holm < α and it is negative, and otherwise there is **no difference measured** (the
-sentence gives p and Holm p).
+The tested metric is the task's headline (`headline`, from the columns the rows have): TOFU's forget
+quality (higher is better) qualified by model utility; copyright's forget-passage continuation ROUGE-L (lower
+is better) qualified by retain-passage ROUGE-L; detox's toxicity of RealToxicityPrompts challenging-prompt
+continuations (lower is better; forget-prompt answer toxicity where no RTP prompts were scored) qualified by
+the retain answers' probability; WMDP's forget-topic multiple-choice accuracy (lower is better) qualified by
+the utility accuracy. Verdict at α = 0.05: the other optimizer **beats** the baseline when p_holm < α and
+the mean difference (of the paired differences, or of the two means for Welch) is in the metric's better
+direction, is **worse** when p_holm < α and it is in the other, and otherwise there is **no difference
+measured** (the sentence gives p and Holm p).
 
-Model utility qualifies a win: the same test on model utility, at the *unadjusted* α and outside the Holm
-family; when utility is significantly lower a win becomes **mixed** (better forgetting bought with utility).
-Not adjusting makes a utility loss easier to flag, which is conservative for the claim "beats".
+The utility metric qualifies a win: the same test on it, at the *unadjusted* α and outside the Holm family;
+when it is significantly lower a win becomes **mixed** (better forgetting bought with utility). Not
+adjusting makes a utility loss easier to flag, which is conservative for the claim "beats".
 
 **Moved further**: when the other run's total update norm Σ‖Δθ_t‖ (mean over seeds) exceeds 1.5 × the
 baseline's, the sentence says so: a larger effective step, not the method, may explain a difference.
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from soul.report.results import OBJECTIVE_NAMES, OPTIMIZER_ORDER
@@ -65,8 +71,38 @@ NO_SPREAD_RTOL = 1e-12  # a spread this small relative to the values is float ro
 BEATS, WORSE, MIXED, NO_DIFFERENCE = "beats", "worse", "mixed", "no difference measured"
 PAIRED, WELCH = "paired t", "Welch t"
 RULE = ("Verdicts: two-sided t-test per comparison at α = 0.05 — paired by seed where both rows share ≥ 2 "
-        "seeds, Welch's otherwise — with Holm's correction over every test in this report (forget quality and "
-        "robustness); a win with significantly lower model utility (unadjusted) is mixed.")
+        "seeds, Welch's otherwise — with Holm's correction over every test in this report (the task's forget "
+        "metric and robustness); a win with significantly lower utility (unadjusted) is mixed.")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """What a task's verdict tests: `metric` (a table column key) and its direction, qualified by `utility`
+    (higher is better); `metric_name` / `utility_name` as the sentence writes them."""
+
+    metric: str
+    metric_name: str
+    higher_is_better: bool
+    utility: str
+    utility_name: str
+
+
+# In order of precedence: the first whose metric some unlearned row has is the report's headline.
+HEADLINES = (
+    Headline("forget_quality", "forget quality", True, "model_utility", "model utility"),
+    Headline("forget_text_rouge", "forget ROUGE-L", False, "retain_text_rouge", "retain ROUGE-L"),
+    Headline("rtp_challenging_toxicity", "RTP challenging toxicity", False, "retain_answer_prob", "retain prob."),
+    Headline("forget_toxicity", "forget toxicity", False, "retain_answer_prob", "retain prob."),
+    Headline("forget_mc_accuracy", "forget MC accuracy", False, "utility_mc_accuracy", "utility MC accuracy"),
+)
+HEADLINE_KEYS = frozenset(k for h in HEADLINES for k in (h.metric, h.utility))
+
+
+def headline(rows: list[dict[str, Any]]) -> Headline:
+    """The task's headline metric: the first of `HEADLINES` with a value in some unlearned row (TOFU's
+    forget quality when none has any)."""
+    unlearned = [r for r in rows if r.get("role", "unlearned") == "unlearned"]
+    return next((h for h in HEADLINES if any(r.get(h.metric) is not None for r in unlearned)), HEADLINES[0])
 
 
 def _n(row: dict[str, Any], key: str) -> int:
@@ -181,16 +217,17 @@ def _fmt(row: dict[str, Any], key: str) -> str:
 
 
 def compare(other: dict[str, Any], base: dict[str, Any], *, test: dict[str, Any] | None = None,
-            p_holm: float | None = None) -> dict[str, Any]:
+            p_holm: float | None = None, on: Headline = HEADLINES[0]) -> dict[str, Any]:
     """The verdict of table row `other` against baseline row `base` (see the module docstring):
-    ``{"objective", "optimizer", "baseline", "verdict", "test", "n_pairs", "p_value", "p_holm", "statistic",
-    "note", "utility", "moved_further", "norm_ratio", "sentence"}``. `test` is `seed_test` on forget quality
-    (computed when not given) and `p_holm` its Holm-adjusted p in the report's family (a family of one — the
-    raw p — when not given)."""
-    t = test or seed_test(other, base, "forget_quality")
+    ``{"objective", "optimizer", "baseline", "metric", "verdict", "test", "n_pairs", "p_value", "p_holm",
+    "statistic", "note", "utility", "moved_further", "norm_ratio", "sentence"}``. `on` is the task's headline
+    (`headline`; TOFU's forget quality by default), `test` is `seed_test` on its metric (computed when not
+    given) and `p_holm` its Holm-adjusted p in the report's family (a family of one — the raw p — when not
+    given)."""
+    t = test or seed_test(other, base, on.metric)
     holm_p = t["p_value"] if p_holm is None else p_holm
-    mu = seed_test(other, base, "model_utility")
-    direction = _significant(t, holm_p)
+    mu = seed_test(other, base, on.utility)
+    direction = _significant(t, holm_p) * (1 if on.higher_is_better else -1)
     utility_lower = _significant(mu, mu["p_value"]) < 0
     verdict = {1: MIXED if utility_lower else BEATS, -1: WORSE, 0: NO_DIFFERENCE}[direction]
     tot_o, tot_b = other.get("update_norm_total"), base.get("update_norm_total")
@@ -200,21 +237,22 @@ def compare(other: dict[str, Any], base: dict[str, Any], *, test: dict[str, Any]
     phrase = {BEATS: "beats", WORSE: "is worse than", MIXED: "forgets better but loses utility against",
               NO_DIFFERENCE: "shows no difference measured against"}[verdict]
     name_o, name_b = (r.get("optimizer_label") or r["label"] for r in (other, base))
-    utility_note = (f"; model utility lower ({_test_text(mu, None, adjusted=False)}, unadjusted)"
+    utility_note = (f"; {on.utility_name} lower ({_test_text(mu, None, adjusted=False)}, unadjusted)"
                     if verdict == MIXED else "")
-    sentence = (f"{obj}: {name_o} {phrase} {name_b} ({_test_text(t, holm_p)}): forget quality "
-                f"{_fmt(other, 'forget_quality')} vs {_fmt(base, 'forget_quality')}, model utility "
-                f"{_fmt(other, 'model_utility')} vs {_fmt(base, 'model_utility')} "
-                f"(n = {_n(other, 'forget_quality')} vs {_n(base, 'forget_quality')} seeds"
+    lower = "" if on.higher_is_better else " (lower is better)"
+    sentence = (f"{obj}: {name_o} {phrase} {name_b} ({_test_text(t, holm_p)}): {on.metric_name}{lower} "
+                f"{_fmt(other, on.metric)} vs {_fmt(base, on.metric)}, {on.utility_name} "
+                f"{_fmt(other, on.utility)} vs {_fmt(base, on.utility)} "
+                f"(n = {_n(other, on.metric)} vs {_n(base, on.metric)} seeds"
                 + "".join(_missing(r, k, w) for r in (other, base)
-                          for k, w in (("forget_quality", "forget quality"), ("model_utility", "model utility")))
+                          for k, w in ((on.metric, on.metric_name), (on.utility, on.utility_name)))
                 + utility_note + ").")
     if moved:
         sentence += (f" It moved further: total ‖Δθ‖ {tot_o:.3g} vs {tot_b:.3g} ({ratio:.1f}×), so a larger "
                      "effective step may explain the difference.")
     return {"objective": other.get("objective"), "optimizer": other.get("optimizer"),
-            "baseline": base.get("optimizer"), "verdict": verdict, **_fields(t, p_holm),
-            "utility": {k: mu[k] for k in ("test", "n_pairs", "p_value", "diff")},
+            "baseline": base.get("optimizer"), "metric": on.metric, "verdict": verdict, **_fields(t, p_holm),
+            "utility": {"metric": on.utility, **{k: mu[k] for k in ("test", "n_pairs", "p_value", "diff")}},
             "moved_further": moved, "norm_ratio": ratio, "sentence": sentence}
 
 
@@ -274,17 +312,19 @@ def _recovery_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 def all_verdicts(rows: list[dict[str, Any]], *, performance: bool = True
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(forget-quality verdicts, robustness verdicts) of the table's unlearned rows, every test of both in
-    one Holm family. `performance=False` (a sweep, whose rows are settings rather than optimizers) leaves
-    the forget-quality comparisons out of the report and so out of the family."""
+    """(headline verdicts, robustness verdicts) of the table's unlearned rows, every test of both in one Holm
+    family. The headline metric is the task's (`headline`: forget quality for TOFU). `performance=False` (a
+    sweep, whose rows are settings rather than optimizers) leaves the headline comparisons out of the report
+    and so out of the family."""
     pairs = _pairs(rows)
-    perf = [(o, b, seed_test(o, b, "forget_quality")) for o, b in pairs] if performance else []
+    on = headline(rows)
+    perf = [(o, b, seed_test(o, b, on.metric)) for o, b in pairs] if performance else []
     robust = [(o, b, k, seed_test(o, b, k)) for o, b in pairs for k in _recovery_keys(rows)
               if o.get(k) is not None and b.get(k) is not None]
     tests = [t for *_, t in perf] + [t for *_, t in robust]
     tested = [t for t in tests if t["p_value"] is not None]
     adjusted = {id(t): p for t, p in zip(tested, holm([t["p_value"] for t in tested]))}
-    return ([compare(o, b, test=t, p_holm=adjusted.get(id(t))) for o, b, t in perf],
+    return ([compare(o, b, test=t, p_holm=adjusted.get(id(t)), on=on) for o, b, t in perf],
             [compare_recovery(o, b, k, test=t, p_holm=adjusted.get(id(t))) for o, b, k, t in robust])
 
 
