@@ -1,4 +1,5 @@
-"""What a results-table column is (`Column`) and the display names of objectives and optimizers.
+"""What a results-table column is (`Column`), the display names of objectives, optimizers and curvatures, and
+each task's verdict metric (`Headline`).
 
 Shared by `soul.report` (the table, figures and verdicts) and `soul.attack.report` (the robustness columns
 and the recovery figure). It imports nothing from soul, so both import it and neither imports the other
@@ -31,3 +32,28 @@ class Column:
     group: str = "tofu"      # the task whose table shows it ("all": every table), see `visible_columns`
     field: str = "agg_value"  # the entry's field holding the value
     diagnostic: str | None = None  # a key of the run's ``diagnostics`` (soul.report.diagnostics) instead
+
+
+# The verdict's tested metric per task (`soul.report.verdict.headline`); the report keeps these columns' per-seed
+# values so the test can pair seeds (`soul.report.results.pairs_by_seed`).
+@dataclass(frozen=True)
+class Headline:
+    """What a task's verdict tests: `metric` (a table column key) and its direction, qualified by `utility`
+    (higher is better); `metric_name` / `utility_name` as the sentence writes them."""
+
+    metric: str
+    metric_name: str
+    higher_is_better: bool
+    utility: str
+    utility_name: str
+
+
+# In order of precedence: the first whose metric some unlearned row has is the report's headline.
+HEADLINES = (
+    Headline("forget_quality", "forget quality", True, "model_utility", "model utility"),
+    Headline("forget_text_rouge", "forget ROUGE-L", False, "retain_text_rouge", "retain ROUGE-L"),
+    Headline("rtp_challenging_toxicity", "RTP challenging toxicity", False, "retain_answer_prob", "retain prob."),
+    Headline("forget_toxicity", "forget toxicity", False, "retain_answer_prob", "retain prob."),
+    Headline("forget_mc_accuracy", "forget MC accuracy", False, "utility_mc_accuracy", "utility MC accuracy"),
+)
+HEADLINE_KEYS = frozenset(k for h in HEADLINES for k in (h.metric, h.utility))

@@ -25,7 +25,7 @@ from typing import Any
 
 from soul.attack.report import GROUP as ROBUSTNESS
 from soul.attack.report import attack_columns as _attack_columns
-from soul.columns import CURVATURE_NAMES, Column
+from soul.columns import CURVATURE_NAMES, HEADLINE_KEYS, Column
 
 # Defined in soul.columns (shared with soul.attack.report without a circle); still importable from here.
 from soul.columns import OBJECTIVE_NAMES as OBJECTIVE_NAMES
@@ -243,8 +243,6 @@ def pairs_by_seed(key: str) -> bool:
     (`soul.report.verdict`: each task's headline metric and its utility — forget quality and model utility
     for TOFU — and each attack's recovery of the forget probability), so that two settings run on the same
     seeds can be compared seed by seed."""
-    from soul.report.verdict import HEADLINE_KEYS  # verdict imports this module's names
-
     return key in HEADLINE_KEYS or key.endswith("_recovery_prob")
 
 

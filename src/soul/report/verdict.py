@@ -60,9 +60,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
+from soul.columns import HEADLINES, Headline
 from soul.report.results import OBJECTIVE_NAMES, OPTIMIZER_ORDER
 
 MOVED_FURTHER = 1.5  # ratio of total update norms above which the sentence warns
@@ -75,27 +75,6 @@ RULE = ("Verdicts: two-sided t-test per comparison at α = 0.05 — paired by se
         "metric and robustness); a win with significantly lower utility (unadjusted) is mixed.")
 
 
-@dataclass(frozen=True)
-class Headline:
-    """What a task's verdict tests: `metric` (a table column key) and its direction, qualified by `utility`
-    (higher is better); `metric_name` / `utility_name` as the sentence writes them."""
-
-    metric: str
-    metric_name: str
-    higher_is_better: bool
-    utility: str
-    utility_name: str
-
-
-# In order of precedence: the first whose metric some unlearned row has is the report's headline.
-HEADLINES = (
-    Headline("forget_quality", "forget quality", True, "model_utility", "model utility"),
-    Headline("forget_text_rouge", "forget ROUGE-L", False, "retain_text_rouge", "retain ROUGE-L"),
-    Headline("rtp_challenging_toxicity", "RTP challenging toxicity", False, "retain_answer_prob", "retain prob."),
-    Headline("forget_toxicity", "forget toxicity", False, "retain_answer_prob", "retain prob."),
-    Headline("forget_mc_accuracy", "forget MC accuracy", False, "utility_mc_accuracy", "utility MC accuracy"),
-)
-HEADLINE_KEYS = frozenset(k for h in HEADLINES for k in (h.metric, h.utility))
 
 
 def headline(rows: list[dict[str, Any]]) -> Headline:
