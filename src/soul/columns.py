@@ -38,22 +38,22 @@ class Column:
 # values so the test can pair seeds (`soul.report.results.pairs_by_seed`).
 @dataclass(frozen=True)
 class Headline:
-    """What a task's verdict tests: `metric` (a table column key) and its direction, qualified by `utility`
-    (higher is better); `metric_name` / `utility_name` as the sentence writes them."""
+    """What a task's verdict tests: `metric` (a table column key; which direction is better is that column's
+    `higher_is_better`), qualified by `utility` (a column where higher is better); `metric_name` /
+    `utility_name` as the sentence writes them."""
 
     metric: str
     metric_name: str
-    higher_is_better: bool
     utility: str
     utility_name: str
 
 
 # In order of precedence: the first whose metric some unlearned row has is the report's headline.
 HEADLINES = (
-    Headline("forget_quality", "forget quality", True, "model_utility", "model utility"),
-    Headline("forget_text_rouge", "forget ROUGE-L", False, "retain_text_rouge", "retain ROUGE-L"),
-    Headline("rtp_challenging_toxicity", "RTP challenging toxicity", False, "retain_answer_prob", "retain prob."),
-    Headline("forget_toxicity", "forget toxicity", False, "retain_answer_prob", "retain prob."),
-    Headline("forget_mc_accuracy", "forget MC accuracy", False, "utility_mc_accuracy", "utility MC accuracy"),
+    Headline("forget_quality", "forget quality", "model_utility", "model utility"),
+    Headline("forget_text_rouge", "forget ROUGE-L", "retain_text_rouge", "retain ROUGE-L"),
+    Headline("rtp_challenging_toxicity", "RTP challenging toxicity", "retain_answer_prob", "retain prob."),
+    Headline("forget_toxicity", "forget toxicity", "retain_answer_prob", "retain prob."),
+    Headline("forget_mc_accuracy", "forget MC accuracy", "utility_mc_accuracy", "utility MC accuracy"),
 )
 HEADLINE_KEYS = frozenset(k for h in HEADLINES for k in (h.metric, h.utility))

@@ -273,6 +273,17 @@ def test_tasks_without_forget_quality_are_tested_on_their_own_metric_where_lower
     assert w["verdict"] == V.WORSE
 
 
+def test_every_headline_names_table_columns_whose_direction_is_stated():
+    """The verdict reads which way is better from the metric's column: a headline whose metric had no
+    direction (None), or whose utility were not higher-is-better, would turn wins into losses silently."""
+    from soul.columns import HEADLINES
+    from soul.report.results import COLUMN_BY_KEY
+
+    for h in HEADLINES:
+        assert COLUMN_BY_KEY[h.metric].higher_is_better is (h.metric == "forget_quality"), h
+        assert COLUMN_BY_KEY[h.utility].higher_is_better is True, h
+
+
 def test_the_task_utility_qualifies_a_win_and_tofu_keeps_forget_quality():
     seeds = [0, 1, 2]
     runs = [_task_run("adamw", s, {"rtp_challenging_toxicity": a, "retain_answer_prob": u})

@@ -27,21 +27,20 @@ from typing import Any
 from soul.pipeline.common import CACHE_VERSION, Progress, hash_records, path_under, resolve_device, sha
 from soul.pipeline.grid import grid_points, tuning_specs
 from soul.pipeline.preset_types import Preset, TuneRule
-from soul.report.results import COLUMNS, agg, column_value, mean_std
+from soul.report.results import COLUMN_BY_KEY, COLUMNS, agg, column_value, mean_std
 
 # Metrics the rule can maximise: the TOFU table's columns that are not lower-is-better.
 RULE_METRICS = tuple(c.key for c in COLUMNS if c.metrics and c.group == "tofu" and c.higher_is_better is not False)
 # Tie-breakers: how far an optimizer moved the model (smaller wins).
 TIE_KEYS = ("update_norm_total", "update_norm_mean", "displacement")
 TIE_REL = 1e-9
-_COLUMN = {c.key: c for c in COLUMNS}
 RunOne = Callable[[dict[str, Any]], dict[str, Any]]  # spec -> run record with "metrics" (model discarded)
 
 
 # ------------------------------------------------------------------------------------------------ values
 def run_value(run: dict[str, Any], key: str) -> float | None:
     """One run's `key`: a table column (metric or diagnostic) or ``privleak``; None when missing or not finite."""
-    value = agg(run.get("metrics") or {}, ("privleak",)) if key == "privleak" else column_value(run, _COLUMN[key])
+    value = agg(run.get("metrics") or {}, ("privleak",)) if key == "privleak" else column_value(run, COLUMN_BY_KEY[key])
     return value if value is not None and math.isfinite(value) else None
 
 

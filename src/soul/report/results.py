@@ -89,6 +89,7 @@ ROBUSTNESS_COLUMNS: tuple[Column, ...] = _attack_columns(QUANT_BITS)
 COLUMNS = (*COLUMNS[:-1], *ROBUSTNESS_COLUMNS, COLUMNS[-1])
 METRIC_COLUMNS = tuple(c for c in COLUMNS if c.metrics)
 VALUE_COLUMNS = COLUMNS  # every column has a per-run value (`column_value`)
+COLUMN_BY_KEY = {c.key: c for c in COLUMNS}
 
 
 def visible_columns(rows: list[dict[str, Any]]) -> tuple[Column, ...]:

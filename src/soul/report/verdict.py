@@ -63,7 +63,7 @@ import warnings
 from typing import Any
 
 from soul.columns import HEADLINES, Headline
-from soul.report.results import OBJECTIVE_NAMES, OPTIMIZER_ORDER
+from soul.report.results import COLUMN_BY_KEY, OBJECTIVE_NAMES, OPTIMIZER_ORDER
 
 MOVED_FURTHER = 1.5  # ratio of total update norms above which the sentence warns
 ALPHA = 0.05  # two-sided significance level of every verdict (Holm-adjusted for the family)
@@ -73,8 +73,6 @@ PAIRED, WELCH = "paired t", "Welch t"
 RULE = ("Verdicts: two-sided t-test per comparison at α = 0.05 — paired by seed where both rows share ≥ 2 "
         "seeds, Welch's otherwise — with Holm's correction over every test in this report (the task's forget "
         "metric and robustness); a win with significantly lower utility (unadjusted) is mixed.")
-
-
 
 
 def headline(rows: list[dict[str, Any]]) -> Headline:
@@ -206,7 +204,8 @@ def compare(other: dict[str, Any], base: dict[str, Any], *, test: dict[str, Any]
     t = test or seed_test(other, base, on.metric)
     holm_p = t["p_value"] if p_holm is None else p_holm
     mu = seed_test(other, base, on.utility)
-    direction = _significant(t, holm_p) * (1 if on.higher_is_better else -1)
+    higher_is_better = COLUMN_BY_KEY[on.metric].higher_is_better
+    direction = _significant(t, holm_p) * (1 if higher_is_better else -1)
     utility_lower = _significant(mu, mu["p_value"]) < 0
     verdict = {1: MIXED if utility_lower else BEATS, -1: WORSE, 0: NO_DIFFERENCE}[direction]
     tot_o, tot_b = other.get("update_norm_total"), base.get("update_norm_total")
@@ -218,7 +217,7 @@ def compare(other: dict[str, Any], base: dict[str, Any], *, test: dict[str, Any]
     name_o, name_b = (r.get("optimizer_label") or r["label"] for r in (other, base))
     utility_note = (f"; {on.utility_name} lower ({_test_text(mu, None, adjusted=False)}, unadjusted)"
                     if verdict == MIXED else "")
-    lower = "" if on.higher_is_better else " (lower is better)"
+    lower = "" if higher_is_better else " (lower is better)"
     sentence = (f"{obj}: {name_o} {phrase} {name_b} ({_test_text(t, holm_p)}): {on.metric_name}{lower} "
                 f"{_fmt(other, on.metric)} vs {_fmt(base, on.metric)}, {on.utility_name} "
                 f"{_fmt(other, on.utility)} vs {_fmt(base, on.utility)} "
