@@ -116,7 +116,7 @@ def test_reproduce_on_real_tofu_subset_with_a_tiny_model(real_tofu_dir, tmp_path
     fast = {"epochs": 1, "batch_size": 8, "lr": 1.0e-3, "warmup_ratio": 0.0, "mixed_precision": "no",
             "max_length": 128}
     preset = tofu_cpu(
-        model="tiny:llama", seeds=[0], progress_bars=False, max_questions=6, influence=None, sweep=None,
+        model="tiny:llama", seeds=[0], progress_bars=False, max_questions=6, influence=None, sweep=None, tune=None,
         data={"source": str(real_tofu_dir), "subset": {"n_retain_authors": 2, "n_holdout_authors": 2}},
         target={"finetune": fast}, retain={"finetune": fast},
         unlearn={"common": {"max_steps": 2, "batch_size": 4, "warmup_ratio": 0.0, "mixed_precision": "no",
