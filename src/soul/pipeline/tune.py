@@ -119,9 +119,12 @@ def edge_side(points: list[dict[str, Any]], index: int) -> str | None:
 
 
 def extended_lr(lrs: list[float], side: str) -> float:
-    """The next lr past the grid's edge on `side`: the edge × its ratio to the neighbouring grid value."""
+    """The next lr past the grid's edge on `side`: the edge × its ratio to the neighbouring grid value,
+    rounded to 12 significant digits (1e-4 · 1e-4 / 2e-4 is 4.9999999999999996e-05 in floats, and the lr
+    names the run)."""
     lrs = sorted(lrs)
-    return lrs[0] * lrs[0] / lrs[1] if side == "low" else lrs[-1] * lrs[-1] / lrs[-2]
+    lr = lrs[0] * lrs[0] / lrs[1] if side == "low" else lrs[-1] * lrs[-1] / lrs[-2]
+    return float(f"{lr:.12g}")
 
 
 # ------------------------------------------------------------------------------------------------ records
