@@ -198,6 +198,19 @@ def test_a_choice_on_the_grid_edge_is_extended_once_and_flagged_when_still_there
     assert saved["runs"][2]["config"]["lr"] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize(("lrs", "side", "expected"), [
+    ([1e-4, 2e-4, 3e-4], "low", 5e-5),   # 1e-4 * 1e-4 / 2e-4 is 4.9999999999999996e-05 in floats
+    ([1e-5, 3e-5, 1e-4], "high", 1e-4 * 1e-4 / 3e-5),
+    ([3e-4, 1e-4], "high", 9e-4),
+])
+def test_the_extended_lr_is_the_edge_times_its_ratio_without_float_noise_in_the_run_name(lrs, side, expected):
+    from soul.pipeline.tune import extended_lr
+
+    lr = extended_lr(lrs, side)
+    assert lr == pytest.approx(expected, rel=1e-11)
+    assert len(repr(lr)) <= len("3.33333333333e-04")  # the lr names the run: no 17-digit float repr
+
+
 def test_an_extension_that_does_worse_keeps_the_edge_choice_without_a_flag(tmp_path, monkeypatch):
     from soul.pipeline import reproduce
 
