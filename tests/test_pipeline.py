@@ -62,6 +62,13 @@ def test_cpu_comparison_presets_tune_each_optimizer_on_seeds_they_report_none_of
     assert len(specs) == 2 * len(preset.seeds) and {s["seed"] for s in specs} == set(preset.seeds)
 
 
+def test_the_demo_sweep_still_spans_adamws_lr_range_up_to_1e_3():
+    """`soul sweep --preset demo` is the one-seed lr picture beside the tuned table: AdamW's grid must reach
+    1e-3 in at least five points, so a curve that turns over past the tuned grid's edge shows."""
+    lrs = load_preset("demo").sweep.grid["adamw"]["lr"]
+    assert max(lrs) >= 1e-3 and len(lrs) >= 5
+
+
 @pytest.mark.parametrize("name", ["demo", "paper-cpu", "tofu-cpu"])
 def test_cpu_presets_pin_float32_for_everything_that_makes_their_table(name):
     """A README table must come out the same on any CPU: no block of a CPU preset may leave its precision to

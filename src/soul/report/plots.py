@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogFormatter
 
 from soul.literal_text import literal_text
 from soul.report.pareto import FQ, MU, pareto_front
@@ -52,21 +53,22 @@ def _fq(v: float) -> float:
     return max(float(v), FQ_FLOOR)
 
 
+class _PlainMinor(LogFormatter):
+    """Minor log ticks in plain text ("0.3", not "3e-01"); LogFormatter still picks which ones get a label."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def _log_axis(ax: Any, axis: str = "y") -> None:
     """A log axis labelled in plain text ("0.001", "1e-05"): `literal_text` turns mathtext off, and the
     default log tick labels are mathtext ("$\\mathdefault{10^{-3}}$"), which then print as that source.
     Minor ticks (2, 3, … × 10^k) are labelled when the axis spans about a decade or less (matplotlib's
     `minor_thresholds`): a tuning curve over lr 5e-5 … 2e-4 has no power of ten to label otherwise."""
-    from matplotlib.ticker import FuncFormatter, LogFormatter
-
-    class PlainMinor(LogFormatter):  # LogFormatter picks which minor ticks get a label; "0.3", not "3e-01"
-        def __call__(self, x: float, pos: int | None = None) -> str:
-            return f"{x:g}" if super().__call__(x, pos) else ""
-
     getattr(ax, f"set_{axis}scale")("log")
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    target.set_minor_formatter(PlainMinor(labelOnlyBase=False))
+    target.set_minor_formatter(_PlainMinor(labelOnlyBase=False))
 
 
 @literal_text
